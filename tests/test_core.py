@@ -1,0 +1,351 @@
+"""Fast CPU checks of every part of dada_min against properties or independent references."""
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dada_min as dm
+
+
+# --- config and CLI ---------------------------------------------------------------------------------------
+def test_presets_validate():
+    for name in dm.PRESETS:
+        cfg = dm.make_config(name)
+        assert cfg.patch_size <= cfg.image_size
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="method"):
+        dm.make_config(method="magic")
+    with pytest.raises(ValueError, match="unknown config field"):
+        dm.make_config(not_a_field=1)
+    with pytest.raises(ValueError, match="t_max"):
+        dm.make_config(t_max=1000)
+
+
+def test_cli_rejects_unknown_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        dm.main(["--stepz", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--stepz" in err and "--steps" in err          # names the bad flag and suggests the right one
+
+
+def test_cli_parses_config_fields():
+    args = dm.build_parser().parse_args(["--preset", "tiny", "--d_mults", "1,2,4", "--compile", "false",
+                                         "--lr", "0.01", "--method", "vanilla"])
+    cfg = dm.parse_config(args)
+    assert cfg.d_mults == (1, 2, 4) and cfg.compile is False and cfg.lr == 0.01 and cfg.method == "vanilla"
+
+
+# --- data -------------------------------------------------------------------------------------------------
+def test_data_is_deterministic_and_pools_are_disjoint(tiny_cfg):
+    a, b = dm.make_data(tiny_cfg), dm.make_data(tiny_cfg)
+    for k in vars(a):
+        torch.testing.assert_close(getattr(a, k), getattr(b, k))
+    assert a.syn_clean.shape == (tiny_cfg.n_syn, 3, tiny_cfg.image_size, tiny_cfg.image_size)
+    assert 0 <= a.syn_clean.min() and a.syn_clean.max() <= 1
+    # the real-like pool is made from different clean images than the synthetic one
+    d = (a.syn_clean[:, None] - a.real_clean[None]).abs().flatten(2).mean(2)
+    assert d.min() > 0.01
+
+
+def test_dihedral_gives_eight_distinct_transforms():
+    x = torch.arange(16.).view(1, 1, 4, 4)
+    outs = {tuple(dm.dihedral(x, k).flatten().tolist()) for k in range(8)}
+    assert len(outs) == 8
+
+
+def test_random_crops_keep_pairs_aligned():
+    torch.manual_seed(0)
+    pool = torch.rand(5, 3, 20, 20)
+    both = dm.random_crops(torch.cat([pool, pool * 2], 1), 32, 8)
+    torch.testing.assert_close(both[:, 3:], both[:, :3] * 2)
+    assert both.shape == (32, 6, 8, 8)
+
+
+def test_camera_noise_is_correlated_and_vanishes_without_noise():
+    g = torch.Generator().manual_seed(0)
+    y = torch.full((8, 3, 32, 32), 0.5)
+    torch.testing.assert_close(dm.camera_noise(y, g, shot=(1e-12, 2e-12), read=(1e-12, 2e-12)), y,
+                               atol=1e-4, rtol=0)
+    n_cam = dm.camera_noise(y, g) - y
+    n_awgn = dm.add_awgn(y, 50, g) - y
+
+    def neighbour_corr(n):                      # horizontal neighbours, same channel
+        a, b = n[..., :, :-1].flatten(), n[..., :, 1:].flatten()
+        return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+
+    def channel_corr(n):
+        return torch.corrcoef(torch.stack([n[:, 0].flatten(), n[:, 1].flatten()]))[0, 1].abs().item()
+    assert neighbour_corr(n_cam) > 0.2 and abs(neighbour_corr(n_awgn)) < 0.05
+    assert channel_corr(n_cam) > 0.1
+
+
+def test_awgn_sigma_range():
+    g = torch.Generator().manual_seed(0)
+    y = torch.zeros(400, 3, 64, 64)
+    sig = (dm.add_awgn(y, 50, g) - y).flatten(1).std(1) * 255
+    assert sig.max() < 51.5 and sig.min() < 5 and abs(sig.mean().item() - 25) < 3
+
+
+# --- networks ---------------------------------------------------------------------------------------------
+def test_networks_keep_shapes(tiny_cfg):
+    G, D = dm.make_networks(dm.make_config("tiny", r_depth=3, d_mults=(1, 2, 2), d_res_blocks=2, d_attn=True))
+    x = torch.rand(2, 3, 16, 16)
+    assert G(x).shape == x.shape
+    assert D(torch.rand(2, 9, 16, 16), torch.rand(2)).shape == (2, 3, 16, 16)
+
+
+def test_restore_accepts_odd_sizes_and_clamps():
+    G = dm.RestorerUNet(4, 3)
+    x = torch.rand(1, 3, 37, 23)
+    y = dm.restore(G, x)
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+
+
+# --- noise schedule ---------------------------------------------------------------------------------------
+def test_schedule_buffers_monotone_and_paper_values():
+    s = dm.NoiseSchedule()
+    ac = s.alphas_cumprod
+    assert ac.dtype == torch.float32 and s.betas.dtype == torch.float32
+    assert (ac > 0).all() and (ac <= 1).all() and (ac[1:] < ac[:-1]).all()
+    assert abs(ac[99].item() - 0.9516) < 1e-3 and abs(ac[999].item() - 0.00662) < 1e-4
+    assert "alphas_cumprod" in dict(s.named_buffers())
+
+
+def test_q_sample_limits():
+    y0, eps = torch.rand(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(dm.NoiseSchedule.q_sample(y0, torch.ones(4), eps), y0)
+    torch.testing.assert_close(dm.NoiseSchedule.q_sample(y0, torch.zeros(4), eps), eps)
+    big = dm.NoiseSchedule.q_sample(torch.zeros(64, 3, 32, 32), torch.full((64,), 1e-6), torch.randn(64, 3, 32, 32))
+    assert abs(big.mean().item()) < 0.02 and abs(big.std().item() - 1) < 0.02
+
+
+def test_sample_gamma_respects_t_range():
+    s = dm.NoiseSchedule()
+    torch.manual_seed(0)
+    g = s.sample_gamma(4000, 900, 999)
+    assert g.min() >= s.alphas_cumprod[999] and g.max() <= s.alphas_cumprod[899]
+    g = s.sample_gamma(4000)
+    assert g.min() >= s.alphas_cumprod[999] and g.max() <= s.alphas_cumprod[0]
+
+
+def test_sampler_runs():
+    s = dm.NoiseSchedule()
+    D = dm.ConditionalDenoiser(8, (1, 2))
+    out = s.sample(D, torch.rand(2, 6, 8, 8), stride=100)
+    assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+
+
+# --- the two tricks and the losses ------------------------------------------------------------------------
+def test_channel_shuffle_swaps_exactly_the_masked_samples():
+    torch.manual_seed(0)
+    a, b = torch.rand(64, 3, 4, 4), torch.rand(64, 3, 4, 4)
+    c1, c2, sw = dm.channel_shuffle(a, b)
+    assert 10 < sw.sum() < 54                                     # about half
+    torch.testing.assert_close(c1[sw], b[sw]) ; torch.testing.assert_close(c2[sw], a[sw])
+    torch.testing.assert_close(c1[~sw], a[~sw]) ; torch.testing.assert_close(c2[~sw], b[~sw])
+    c1, c2, sw = dm.channel_shuffle(a, b, enabled=False)
+    assert not sw.any() and c1 is a and c2 is b
+    _, _, sw2 = dm.channel_shuffle(a, b)
+    assert not torch.equal(sw, sw2)                               # redrawn on every call
+
+
+def test_residual_swap_builds_negatives_from_swapped_residuals():
+    xs, rs, xr, rr = (torch.rand(2, 3, 4, 4) for _ in range(4))
+    ns, nr = dm.residual_swap(xs, rs, xr, rr)
+    torch.testing.assert_close(ns, xs + rr)
+    torch.testing.assert_close(nr, xr + rs)
+
+
+def test_triplet_hinge_matches_hand_computation():
+    eps = torch.tensor([0., 1., 2., 3.])
+    pos = torch.tensor([0.1, 1., 2., 3.])                         # mse 0.0025
+    neg = torch.tensor([0., 1.2, 2., 3.])                         # mse 0.01
+    assert math.isclose(dm.triplet_hinge(eps, pos, neg, 0.1).item(), 0.0025 - 0.01 + 0.1, rel_tol=1e-5)
+    assert dm.triplet_hinge(eps, pos, neg + 10, 0.1).item() == 0.0
+
+
+def test_diffusion_loss_uses_same_noise_for_both_passes_and_averages():
+    torch.manual_seed(0)
+    D, s = dm.ConditionalDenoiser(8, (1, 2)), dm.NoiseSchedule()
+    y0, cs, cr, n1, n2 = (torch.rand(4, 3, 8, 8) for _ in range(5))
+    gamma, eps = torch.rand(4), torch.randn(4, 3, 8, 8)
+    loss, parts = dm.diffusion_loss(D, s, y0, cs, cr, (n1, n2), shuffle=False, gamma=gamma, eps=eps)
+    y_t = s.q_sample(y0, gamma, eps)
+    pos = D(torch.cat([y_t, cs, cr], 1), gamma)
+    neg = D(torch.cat([y_t, n1, n2], 1), gamma)
+    mse_pos, mse_neg = F.mse_loss(pos, eps), F.mse_loss(neg, eps)
+    expected = (mse_pos + F.relu(mse_pos - mse_neg + 0.1)) / 2
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(parts["mse_neg"], mse_neg)
+
+
+def test_diffusion_gradient_reaches_restorer_through_both_conditions():
+    torch.manual_seed(0)
+    G, D, s = dm.RestorerUNet(4, 2), dm.ConditionalDenoiser(8, (1, 2)), dm.NoiseSchedule()
+    xs, xr, ys = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    rs, rr = G(xs), G(xr)
+    ys_hat, yr_hat = xs + rs, xr + rr
+    loss, _ = dm.diffusion_loss(D, s, ys, ys_hat, yr_hat, dm.residual_swap(xs, rs, xr, rr))
+    g_syn, g_real = torch.autograd.grad(loss, [ys_hat, yr_hat], retain_graph=True)
+    assert g_syn.abs().sum() > 0 and g_real.abs().sum() > 0
+    # and through the real branch alone into G's weights
+    rr_only = G(xr)
+    loss2, _ = dm.diffusion_loss(D, s, ys, ys_hat.detach(), xr + rr_only)
+    grads = torch.autograd.grad(loss2, list(G.parameters()), allow_unused=True)
+    assert sum(g.abs().sum() for g in grads if g is not None) > 0
+
+
+def test_alpha_ramp_values():
+    assert dm.alpha_ramp(0, 300) == 0.0
+    assert math.isclose(dm.alpha_ramp(30, 300), 0.2 * (2 / (1 + math.exp(-0.5)) - 1), rel_tol=1e-9)
+    assert abs(dm.alpha_ramp(30, 300) - 0.049) < 1e-3
+    assert abs(dm.alpha_ramp(300, 300) - 0.1973) < 1e-4 and dm.alpha_ramp(10**6, 300) == dm.alpha_ramp(300, 300)
+
+
+def test_charbonnier():
+    assert math.isclose(dm.charbonnier(torch.zeros(3), torch.zeros(3)).item(), 1e-3, rel_tol=1e-4)
+    assert math.isclose(dm.charbonnier(torch.ones(3), torch.zeros(3)).item(), math.sqrt(1 + 1e-6), rel_tol=1e-6)
+
+
+# --- training ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", sorted(dm.METHODS))
+def test_every_method_trains(method, tiny_data):
+    cfg = dm.make_config("tiny", method=method, steps=3, eval_every=0, log_every=1)
+    state = dm.train(cfg, tiny_data, log=lambda s: None)
+    assert state.step == 3 and len(state.history["real_psnr"]) == 1
+    if dm.METHODS[method][0]:
+        assert -1 <= state.history["diag_cos"][0] <= 1
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_data):
+    cfg = dm.make_config("tiny", method="da", lr=1e-3)
+    state = dm.init_state(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    xs, ys = dm.syn_batch(tiny_data, cfg)
+    xr = dm.real_batch(tiny_data, cfg)
+
+    def total():
+        torch.manual_seed(1)                      # same gamma, eps and shuffles each time
+        r_s, r_r = state.G(xs), state.G(xr)
+        ld, _ = dm.diffusion_loss(state.D, state.schedule, ys, xs + r_s, xr + r_r,
+                                  dm.residual_swap(xs, r_s, xr, r_r))
+        return dm.charbonnier(xs + r_s, ys) + 0.2 * ld
+    before = total().item()
+    for _ in range(30):
+        state.opt.zero_grad()
+        total().backward()
+        state.opt.step()
+    assert total().item() < 0.8 * before
+
+
+def test_restore_does_not_use_the_denoiser(tiny_data):
+    state = dm.train(dm.make_config("tiny", steps=2), tiny_data, log=lambda s: None)
+    x = tiny_data.test_real_noisy
+    before = dm.restore(state.G_ema, x)
+    with torch.no_grad():
+        for p in state.D.parameters():
+            p.fill_(float("nan"))
+    torch.testing.assert_close(dm.restore(state.G_ema, x), before)
+
+
+def test_mechanism_diagnostic_is_a_cosine(tiny_data):
+    cfg = dm.make_config("tiny")
+    state = dm.init_state(cfg, torch.device("cpu"))
+    xs, ys = dm.syn_batch(tiny_data, cfg)
+    xr, yr = dm.real_pairs_batch(tiny_data, cfg)
+    c = dm.mechanism_diagnostic(state, xs, ys, xr, yr)
+    assert -1 <= c <= 1
+    c_hi = dm.mechanism_diagnostic(state, xs, ys, xr, yr, gamma=torch.tensor([0.95]))
+    assert -1 <= c_hi <= 1
+
+
+# --- metrics ----------------------------------------------------------------------------------------------
+def test_psnr_known_values():
+    y = torch.zeros(2, 3, 8, 8)
+    x = y + torch.tensor([0.1, 0.01]).view(2, 1, 1, 1)
+    torch.testing.assert_close(dm.psnr(x, y), torch.tensor([20.0, 40.0]))
+    yc = dm.rgb_to_y(torch.ones(1, 3, 1, 1))
+    assert abs(yc.item() - 235 / 255) < 1e-4
+
+
+def _ssim_numpy(x, y):
+    """Independent reference: explicit loop over every valid 11x11 window (Wang et al. 2004)."""
+    g = np.exp(-(np.arange(11) - 5) ** 2 / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    vals = []
+    for c in range(x.shape[0]):
+        for i in range(x.shape[1] - 10):
+            for j in range(x.shape[2] - 10):
+                a, b = x[c, i:i + 11, j:j + 11], y[c, i:i + 11, j:j + 11]
+                ma, mb = (w * a).sum(), (w * b).sum()
+                va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
+                cov = (w * (a - ma) * (b - mb)).sum()
+                c1, c2 = 0.01 ** 2, 0.03 ** 2
+                vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    return float(np.mean(vals))
+
+
+def test_ssim_matches_independent_reference():
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(1, 3, 20, 18, generator=g, dtype=torch.float64)
+    x = (y + 0.1 * torch.randn(y.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    assert abs(dm.ssim(x, y).item() - _ssim_numpy(x[0].numpy(), y[0].numpy())) < 1e-8
+    assert abs(dm.ssim(y, y).item() - 1) < 1e-12
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+def test_checkpoint_round_trip_and_resume(tmp_path, tiny_data):
+    cfg = dm.make_config("tiny", steps=6, eval_every=3)
+    full = dm.train(cfg, tiny_data, log=lambda s: None)
+    out = str(tmp_path / "run")
+    dm.train(dm.make_config("tiny", steps=3, eval_every=3), tiny_data, out=out, log=lambda s: None)
+    assert os.path.exists(os.path.join(out, "checkpoint.pt")) and not any(".tmp" in f for f in os.listdir(out))
+    resumed = dm.train(cfg, tiny_data, out=out, resume=True, log=lambda s: None)
+    assert resumed.step == 6
+    assert json.load(open(os.path.join(out, "history.json")))["eval_step"] == [3, 6]
+    G, loaded_cfg = dm.load_restorer(os.path.join(out, "checkpoint.pt"))
+    assert loaded_cfg.steps == 6 and isinstance(loaded_cfg.d_mults, tuple)
+    for k, v in resumed.G_ema.state_dict().items():
+        torch.testing.assert_close(G.state_dict()[k], v)
+    assert full.step == 6
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/dada_min_pwned",))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"restorer": _Evil(), "config": {}}, f)
+    with pytest.raises(ValueError, match="evil.pt"):
+        dm.read_checkpoint(str(path))
+    assert not os.path.exists("/tmp/dada_min_pwned")
+
+
+def test_missing_checkpoint_names_the_file():
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        dm.read_checkpoint("nope.pt")
+
+
+# --- the demo ---------------------------------------------------------------------------------------------
+def test_demo_end_to_end_tiny(tmp_path):
+    out = str(tmp_path / "demo")
+    r = dm.demo(dm.make_config("tiny", device="cpu"), out, log=lambda s: None)
+    saved = json.load(open(os.path.join(out, "results.json")))
+    for key in ("seconds", "device", "config", "identity", "vanilla", "da", "oracle", "da_gain_real_db", "gap_closed"):
+        assert key in saved
+    for m in ("vanilla", "da", "oracle"):
+        assert set(saved[m]) >= {"real_psnr", "syn_psnr", "real_ssim", "syn_ssim"}
+    assert math.isclose(saved["da_gain_real_db"], saved["da"]["real_psnr"] - saved["vanilla"]["real_psnr"], abs_tol=1e-9)
+    assert os.path.getsize(os.path.join(out, "demo.png")) > 1000
+    assert r["device"] == "cpu"
