@@ -1002,6 +1002,16 @@ def demo(cfg, out="runs/demo", log=print):
     return results
 
 
+# name -> function(cfg, out, quick) -> results dict; each writes out/NAME.json and at least one PNG
+EXPERIMENTS = {}
+
+
+def experiment(fn):
+    """Register fn as `python dada_min.py --experiment NAME` (NAME = fn's name without 'exp_')."""
+    EXPERIMENTS[fn.__name__.removeprefix("exp_")] = fn
+    return fn
+
+
 def results_table(r):
     rows = [("identity (input)", r["identity"])] + [(m, r[m]) for m in ("vanilla", "da", "oracle")]
     lines = [f"{'method':18s} {'syn PSNR':>9s} {'syn SSIM':>9s} {'real PSNR':>10s} {'real SSIM':>10s}"]
@@ -1055,6 +1065,8 @@ def build_parser():
     p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="starting config")
     p.add_argument("--out", default=None, help="output directory (demo default: runs/demo)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--experiment", default=None, metavar="NAME", help="run a registered experiment (see README)")
+    p.add_argument("--quick", action="store_true", help="with --experiment: the small size used by the tests")
     for f in dataclasses.fields(Config):
         p.add_argument(f"--{f.name}", dest=f"cfg_{f.name}", default=None, metavar="V",
                        type=lambda text, f=f: _parse_value(f, text),
@@ -1082,6 +1094,11 @@ def main(argv=None):
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     if args.demo:
         demo(cfg, args.out or "runs/demo")
+        return 0
+    if args.experiment:
+        if args.experiment not in EXPERIMENTS:
+            parser.error(f"unknown experiment {args.experiment!r}; choose one of {sorted(EXPERIMENTS)}")
+        EXPERIMENTS[args.experiment](cfg, args.out or f"runs/{args.experiment}", args.quick)
         return 0
     state = train(cfg, out=args.out, resume=args.resume)
     m = evaluate_pools(state.G_ema, make_data(cfg, pick_device(cfg.device)))
