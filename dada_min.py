@@ -61,7 +61,7 @@ METHODS = {
 class Config:
     # --- run ---
     method: str = "da"            # one of METHODS
-    task: str = "denoise"         # restoration task; built-in domains exist for: denoise
+    task: str = "denoise"         # restoration task: denoise | derain | deblur (each has built-in domains)
     seed: int = 0                 # seeds data generation, initialisation and sampling
     device: str = "auto"          # auto (cuda > mps > cpu) | cpu | cuda | mps
     precision: str = "auto"       # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
@@ -72,8 +72,10 @@ class Config:
     n_syn: int = 512              # clean images behind the synthetic training pairs
     n_real: int = 512             # unpaired real-like training images (from OTHER clean images)
     n_test: int = 64              # images in each of the synthetic and real-like test sets
-    sigma_max: float = 50.0       # synthetic AWGN: sigma ~ U[0, sigma_max] / 255 per image (paper: 75)
-    real_noise: str = "camera"    # real-like domain: camera (Bayer pipeline, correlated) | white (sRGB Poisson-Gauss)
+    sigma_max: float = 50.0       # synthetic AWGN (denoise): sigma ~ U[0, sigma_max] / 255 per image (paper: 75)
+    real_noise: str = "auto"      # real-like domain, one of TASKS[task]["real"]; auto: the task's first one.
+                                  # denoise: camera (Bayer pipeline, correlated) | white (sRGB Poisson-Gauss);
+                                  # derain: layered (streak layers + haze); deblur: shake (camera shake + noise)
     # --- restorer G (residual UNet) ---
     r_width: int = 16             # channels at the first level (paper: 64)
     r_depth: int = 3              # UNet levels; inputs are padded to a multiple of 2^(depth-1) (paper: 4)
@@ -111,8 +113,10 @@ class Config:
             bad("method", f"is not one of {sorted(METHODS)}")
         if self.task not in TASKS:
             bad("task", f"is not one of {sorted(TASKS)}")
+        if self.real_noise == "auto":                   # resolved once, so checkpoints record the real name
+            self.real_noise = next(iter(TASKS[self.task]["real"]))
         if self.real_noise not in TASKS[self.task]["real"]:
-            bad("real_noise", f"is not one of {sorted(TASKS[self.task]['real'])} for task {self.task!r}")
+            bad("real_noise", f"is not one of {sorted(TASKS[self.task]['real'])} (or auto) for task {self.task!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             bad("precision", "must be auto, fp32, bf16 or fp16")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
@@ -279,9 +283,148 @@ def white_noise(y, gen=None, sigma=(30.0, 60.0)):
     return (y + var.sqrt() * torch.randn(y.shape, generator=gen, device=y.device)).clamp(0, 1)
 
 
-# task -> its synthetic degradation and its built-in real-like degradations
+# --- deraining: rain streaks are a line kernel stamped at random seed points ------------------------------
+def line_kernels(length, angle, width, size, taper=False):
+    """(B, 1, size, size) anti-aliased line segments through the kernel centre, values in [0, 1].
+    length, width (px) and angle (radians from vertical, positive leans right) are (B,) tensors.
+    taper: fade the brightness towards both ends, as a falling drop's streak does."""
+    ar = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    v, u = torch.meshgrid(ar, ar, indexing="ij")                                    # (size, size) down, right
+    cy, cx = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)      # (B, 1, 1) line direction
+    along = v * cy + u * cx                                                         # (B, size, size)
+    across = (u * cy - v * cx).abs()
+    half = length.view(-1, 1, 1) / 2
+    dist = torch.sqrt(across ** 2 + (along.abs() - half).clamp(min=0) ** 2)        # distance to the segment
+    k = (width.view(-1, 1, 1) / 2 + 0.5 - dist).clamp(0, 1)                        # 1 inside, 1 px soft edge
+    if taper:
+        k = k * (1 - (along / half.clamp(min=1)) ** 2).clamp(min=0)
+    return k[:, None]
+
+
+def uniform(n, lo, hi, gen):
+    """(n,) values ~ U[lo, hi], drawn on the CPU from gen (so every device sees the same numbers)."""
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+def streak_layer(n, h, w, gen, density, length, angle, width, amplitude, taper):
+    """(n, 1, h, w) rain-streak layer in [0, 1]: seed points with per-pixel probability `density`,
+    each with a brightness ~ U[amplitude], convolved with the image's line kernel. Seeds are drawn on a
+    padded canvas so streaks enter from outside the frame. density, length, angle, width: (n,)."""
+    size = 2 * int(math.ceil(float(length.max()) / 2 + float(width.max()))) + 1
+    p = size // 2
+    seeds = (torch.rand(n, 1, h + 2 * p, w + 2 * p, generator=gen) < density.view(-1, 1, 1, 1)).float()
+    seeds = seeds * (amplitude[0] + (amplitude[1] - amplitude[0]) * torch.rand(seeds.shape, generator=gen))
+    kernels = line_kernels(length, angle, width, size, taper)                       # (n, 1, size, size)
+    # one kernel per image: images become the channels of a grouped convolution
+    return F.conv2d(seeds.view(1, n, h + 2 * p, w + 2 * p), kernels, groups=n).view(n, 1, h, w).clamp(0, 1)
+
+
+def simple_rain(y, gen=None):
+    """Synthetic rain: ONE layer of straight, thin (1 px), equally long streaks of one brightness and
+    one near-vertical angle per image, added to the image (x = y + a * S). Like the rendered rain of
+    synthetic training sets, regular and easy to learn."""
+    n, _, h, w = y.shape
+    S = streak_layer(n, h, w, gen, density=uniform(n, 0.004, 0.012, gen), length=uniform(n, 6, 14, gen),
+                     angle=uniform(n, -0.15, 0.15, gen), width=torch.ones(n), amplitude=(1.0, 1.0), taper=False)
+    a = uniform(n, 0.5, 0.9, gen).view(-1, 1, 1, 1).to(y.device)                    # streak brightness
+    return (y + a * S.to(y.device)).clamp(0, 1)
+
+
+def layered_rain(y, gen=None):
+    """Real-like rain: two streak layers under one wind direction (far: dense, short, thin, faint;
+    near: sparse, long, 1.5-3.5 px wide), streaks of varying brightness that fade at their ends,
+    composited by screen blending, then a veil of haze (rain accumulation) x = (1 - h) x + h A.
+    The clean target stays y: removing the haze is part of the task, and synthetic rain never has it."""
+    n, _, h, w = y.shape
+    wind = uniform(n, -0.5, 0.5, gen)                                               # radians, shared by the layers
+    far = streak_layer(n, h, w, gen, density=uniform(n, 0.01, 0.03, gen), length=uniform(n, 4, 10, gen),
+                       angle=wind + uniform(n, -0.1, 0.1, gen), width=torch.ones(n), amplitude=(0.15, 0.5),
+                       taper=True)
+    near = streak_layer(n, h, w, gen, density=uniform(n, 0.002, 0.006, gen), length=uniform(n, 10, 24, gen),
+                        angle=wind + uniform(n, -0.1, 0.1, gen), width=uniform(n, 1.5, 3.5, gen),
+                        amplitude=(0.3, 0.8), taper=True)
+    x = 1 - (1 - y) * (1 - far.to(y.device)) * (1 - near.to(y.device))              # screen blend (light adds up)
+    haze = uniform(n, 0.05, 0.3, gen).view(-1, 1, 1, 1).to(y.device)               # veil strength
+    light = uniform(n, 0.75, 1.0, gen).view(-1, 1, 1, 1).to(y.device)              # atmospheric light A (grey)
+    return ((1 - haze) * x + haze * light).clamp(0, 1)
+
+
+# --- deblurring: a blurred image is the sharp one convolved with a kernel that sums to 1 -------------------
+def blur(y, kernels):
+    """Convolve each image (B, 3, H, W) with its own kernel (B, 1, k, k) (reflect padding, so the
+    brightness at the borders is kept)."""
+    n, c, h, w = y.shape
+    p = kernels.shape[-1] // 2
+    yp = F.pad(y, (p, p, p, p), mode="reflect").reshape(1, n * c, h + 2 * p, w + 2 * p)
+    k = kernels.to(y.device, y.dtype).repeat_interleave(c, 0)                       # (B*3, 1, k, k)
+    return F.conv2d(yp, k, groups=n * c).view(n, c, h, w)
+
+
+def gaussian_kernels(sigma, size):
+    """(B, 1, size, size) isotropic Gaussian kernels, sigma: (B,) px, each summing to 1."""
+    ar = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    r2 = ar.view(1, -1, 1) ** 2 + ar.view(1, 1, -1) ** 2                           # (1, size, size)
+    k = torch.exp(-r2 / (2 * sigma.view(-1, 1, 1) ** 2))
+    return (k / k.sum((1, 2), keepdim=True))[:, None]
+
+
+def simple_blur(y, gen=None, size=11):
+    """Synthetic blur: per image, either a Gaussian (sigma ~ U[0.4, 1.6] px) or a straight linear motion
+    (length ~ U[2, 8] px, any angle), no noise: the regular kernels of synthetic training sets. (Sizes
+    suit the small built-in images; real photos are blurred over more pixels.)"""
+    n = y.shape[0]
+    gauss = gaussian_kernels(uniform(n, 0.4, 1.6, gen), size)
+    line = line_kernels(uniform(n, 2, 8, gen), uniform(n, 0, math.pi, gen), torch.ones(n), size)
+    line = line / line.sum((2, 3), keepdim=True)
+    use_gauss = (torch.rand(n, generator=gen) < 0.5).view(-1, 1, 1, 1)
+    return blur(y, torch.where(use_gauss, gauss, line))
+
+
+def shake_kernels(n, gen, size=11, steps=48):
+    """Camera-shake kernels: the path of a hand-held camera during the exposure, as a random walk with
+    momentum (the velocity drifts and turns), sampled at equal time steps and splatted bilinearly onto
+    the kernel grid. Slow parts of the path get more weight, as in a real exposure. The path is centred
+    on its mean (so the blur does not shift the image) and scaled to an extent ~ U[1.5, size/2 - 1] px.
+    Returns (n, 1, size, size), each summing to 1."""
+    v = torch.randn(n, 2, generator=gen)
+    pos, path = torch.zeros(n, 2), []
+    for _ in range(steps):
+        v = 0.85 * v + 0.5 * torch.randn(n, 2, generator=gen)                      # momentum + random push
+        pos = pos + v
+        path.append(pos)
+    path = torch.stack(path, 1)                                                     # (n, steps, 2) as (y, x)
+    path = path - path.mean(1, keepdim=True)
+    extent = uniform(n, 1.5, size / 2 - 1, gen).view(-1, 1, 1)
+    path = path / path.abs().amax((1, 2), keepdim=True).clamp(min=1e-6) * extent + (size - 1) / 2
+    # bilinear splatting: each path point spreads its weight over the 4 surrounding pixels
+    base = path.floor()
+    frac = path - base
+    k = torch.zeros(n, size * size)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            wgt = (frac[..., 0] if dy else 1 - frac[..., 0]) * (frac[..., 1] if dx else 1 - frac[..., 1])
+            idx = ((base[..., 0] + dy) * size + base[..., 1] + dx).long()            # (n, steps)
+            k.scatter_add_(1, idx, wgt)
+    return (k / k.sum(1, keepdim=True)).view(n, 1, size, size)
+
+
+def shake_blur(y, gen=None):
+    """Real-like blur: a random camera-shake kernel per image, then mild sensor noise (the camera
+    pipeline of camera_noise at low gain), as in a hand-held shot in dim light."""
+    x = blur(y, shake_kernels(y.shape[0], gen))
+    return camera_noise(x.clamp(0, 1), gen, shot=(1e-4, 1e-3), read=(1e-7, 1e-5))
+
+
+# task -> its synthetic degradation fn(y, sigma_max, gen) and its built-in real-like ones fn(y, gen).
+# NOTE(simplification): every task works in [0, 1]; the official code uses [-1, 1] for deraining and
+# deblurring (PAPER.md §9.4). Rain and blur draw their strengths from fixed ranges, so their synthetic
+# entries take sigma_max (the AWGN level of denoising) only to share one call signature.
 TASKS = {
     "denoise": {"synthetic": add_awgn, "real": {"camera": camera_noise, "white": white_noise}},
+    "derain": {"synthetic": lambda y, sigma_max=None, gen=None: simple_rain(y, gen),
+               "real": {"layered": layered_rain}},
+    "deblur": {"synthetic": lambda y, sigma_max=None, gen=None: simple_blur(y, gen),
+               "real": {"shake": shake_blur}},
 }
 
 
@@ -290,8 +433,11 @@ class Data:
     """The four pools, each (N, 3, H, W) in [0, 1] and already on the training device.
     syn_clean:  clean images; synthetic inputs are made from them online (fresh noise every step)
     real_noisy: unpaired real-like training images (their clean versions are never used by DA)
-    real_clean: ONLY for the oracle and for the mechanism diagnostic (the method never sees it)
-    test_*:     synthetic and real-like test sets with ground truth"""
+    real_clean: ONLY for the oracle and for the mechanism diagnostic (the method never sees it); None
+                for a folder of real images without ground truth (load_folder_data)
+    test_*:     synthetic and real-like test sets with ground truth
+    syn_pairs:  None (synthetic inputs are made online from syn_clean), or ready-made synthetic pairs
+                (N, 6, H, W) = cat[input, target] along C from a folder (load_folder_data)"""
     syn_clean: torch.Tensor
     real_noisy: torch.Tensor
     real_clean: torch.Tensor
@@ -299,9 +445,10 @@ class Data:
     test_syn_clean: torch.Tensor
     test_real_noisy: torch.Tensor
     test_real_clean: torch.Tensor
+    syn_pairs: torch.Tensor = None
 
     def to(self, device):
-        return Data(**{k: v.to(device) for k, v in vars(self).items()})
+        return Data(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
 
 
 def make_data(cfg, device="cpu"):
@@ -351,7 +498,11 @@ def random_crops(pool, n, patch):
 
 
 def syn_batch(data, cfg):
-    """Synthetic pairs (x_syn, y_syn), both (B, 3, p, p): crop + augment the clean image, then degrade."""
+    """Synthetic pairs (x_syn, y_syn), both (B, 3, p, p): crop + augment the clean image, then degrade
+    (or, for ready-made pairs from a folder, crop both halves of a pair together)."""
+    if data.syn_pairs is not None:
+        both = random_crops(data.syn_pairs, cfg.batch_size, cfg.patch_size)       # (B, 6, p, p)
+        return both[:, :3], both[:, 3:]
     y_syn = random_crops(data.syn_clean, cfg.batch_size, cfg.patch_size)
     return TASKS[cfg.task]["synthetic"](y_syn, cfg.sigma_max), y_syn
 
@@ -371,6 +522,207 @@ def ref_batch(data, cfg):
     """Unpaired clean images y_c for "Ours-Ex": drawn independently of the synthetic batch (the
     official code's default reference list is the synthetic ground truth, shuffled separately)."""
     return random_crops(data.syn_clean, cfg.batch_size, cfg.patch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Your own data: image files and folders (pillow + numpy only)
+# ----------------------------------------------------------------------------------------------------------
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")   # read and written
+CROPS_PER_IMAGE = 16          # at most this many random image_size crops are kept from one training image
+
+
+def read_image(path):
+    """One image file as a (H, W, 3) float32 array in [0, 1].
+    Grayscale and palette images become RGB; an alpha channel is dropped (the colours are used as
+    stored, not composited); 16-bit grayscale (mode I;16) keeps its full precision, while 16-bit colour
+    PNGs arrive at 8-bit precision (Pillow decodes them so); the EXIF orientation of camera photos is
+    applied, so the array is upright as image viewers show it. A file that cannot be decoded (corrupt,
+    truncated, not an image) raises ValueError naming it."""
+    from PIL import Image, ImageOps
+    try:
+        with Image.open(path) as im:
+            im.load()                                   # decode everything now: a truncated file fails here
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I"):                 # I;16, I;16B, I: 16-bit integer gray levels
+                gray = np.asarray(im).astype(np.float32) / 65535
+            elif im.mode == "F":                        # 32-bit float gray levels, taken to be in [0, 1]
+                gray = np.asarray(im).astype(np.float32)
+            else:                                       # 8-bit modes: L, P, RGB, RGBA, LA, CMYK, 1, ...
+                return np.asarray(im.convert("RGB")).astype(np.float32) / 255
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path!r}: {e}. Replace or remove this file.") from e
+    return np.repeat(np.clip(gray, 0, 1)[..., None], 3, axis=2)
+
+
+def write_image(path, img):
+    """Save img (3, H, W) in [0, 1] as an 8-bit RGB file in the format its extension names. Written
+    to a temporary file and renamed, so an interrupted write never leaves half an image."""
+    from PIL import Image
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in IMAGE_EXTS:
+        raise ValueError(f"cannot write {path!r}: the file extension must be one of {', '.join(IMAGE_EXTS)}")
+    fmt = Image.registered_extensions()[ext]
+    arr = img.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    Image.fromarray(arr).save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    os.replace(tmp, path)
+
+
+def list_images(folder, log=print):
+    """Sorted names of the image files directly inside folder (chosen by extension). Other files and
+    subfolders are skipped with a note; a missing folder or one without images is an error."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"folder {folder!r} does not exist or is not a folder")
+    entries = sorted(os.listdir(folder))
+    images = [n for n in entries if os.path.splitext(n)[1].lower() in IMAGE_EXTS and not n.startswith(".")
+              and os.path.isfile(os.path.join(folder, n))]
+    skipped = sorted(set(entries) - set(images))
+    if skipped:
+        log(f"note: {folder}: skipping {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that are not "
+            f"image files: {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
+    if not images:
+        raise ValueError(f"folder {folder!r} holds no images (looked for {', '.join(IMAGE_EXTS)})")
+    return images
+
+
+def is_paired_folder(folder):
+    return os.path.isdir(os.path.join(folder, "input")) and os.path.isdir(os.path.join(folder, "target"))
+
+
+def paired_names(folder, log=print):
+    """The file names of a paired folder, folder/input/NAME (degraded) + folder/target/NAME (clean).
+    Names that appear on one side only are an error that lists them."""
+    for sub in ("input", "target"):
+        if not os.path.isdir(os.path.join(folder, sub)):
+            raise FileNotFoundError(f"{folder!r} is not a paired folder: {sub}/ is missing (expected "
+                                    f"{folder}/input/NAME and {folder}/target/NAME with the same NAMEs)")
+    inp = list_images(os.path.join(folder, "input"), log)
+    tgt = list_images(os.path.join(folder, "target"), log)
+    only_inp, only_tgt = sorted(set(inp) - set(tgt)), sorted(set(tgt) - set(inp))
+    problems = [f"only in {side}/: {', '.join(v[:10])}{f' ... ({len(v)} in all)' if len(v) > 10 else ''}"
+                for side, v in (("input", only_inp), ("target", only_tgt)) if v]
+    if problems:
+        raise ValueError(f"{folder!r}: input/ and target/ must hold the same file names; " + "; ".join(problems))
+    return inp
+
+
+def read_pair(folder, name):
+    """(input, target) arrays (H, W, 3) of one pair of a paired folder; the two must have one size."""
+    a = read_image(os.path.join(folder, "input", name))
+    b = read_image(os.path.join(folder, "target", name))
+    if a.shape != b.shape:
+        raise ValueError(f"{folder!r}: input/{name} is {a.shape[1]}x{a.shape[0]} px but target/{name} is "
+                         f"{b.shape[1]}x{b.shape[0]} px; the two images of a pair must have one size")
+    return a, b
+
+
+def image_tiles(img, size, n, gen):
+    """Crops (k, C, size, size) of an (H, W, C) array: k = min(n, ceil(H*W / size^2)) crops at random
+    positions (enough to cover the image about once), or one centre crop if n is None. An image with a
+    side below `size` is first upscaled (bicubic, aspect kept) so that side equals size."""
+    x = torch.from_numpy(img).permute(2, 0, 1)                                      # (C, H, W), no copy
+    h, w = x.shape[1:]
+    if min(h, w) < size:
+        s = size / min(h, w)
+        x = F.interpolate(x[None], size=(max(size, round(h * s)), max(size, round(w * s))), mode="bicubic",
+                          align_corners=False)[0].clamp(0, 1)
+        h, w = x.shape[1:]
+    if n is None:
+        oy, ox = [(h - size) // 2], [(w - size) // 2]
+    else:
+        k = min(n, math.ceil(h * w / size ** 2))
+        oy = torch.randint(h - size + 1, (k,), generator=gen).tolist()
+        ox = torch.randint(w - size + 1, (k,), generator=gen).tolist()
+    return torch.stack([x[:, a:a + size, b:b + size] for a, b in zip(oy, ox)])    # copies only the crops
+
+
+def folder_tiles(folder, size, gen, n=CROPS_PER_IMAGE, paired=False, log=print):
+    """All images of a folder as one pool of tiles (N, 3, size, size), or for a paired folder
+    (N, 6, size, size) = cat[input, target] along C (one crop position per pair keeps them aligned).
+    Images are read one at a time and only their crops are kept, so memory follows the pool size."""
+    names = paired_names(folder, log) if paired else list_images(folder, log)
+    tiles, small = [], []
+    for name in names:
+        if paired:
+            img = np.concatenate(read_pair(folder, name), 2)                        # (H, W, 6)
+        else:
+            img = read_image(os.path.join(folder, name))                            # (H, W, 3)
+        if min(img.shape[:2]) < size:
+            small.append(f"{name} ({img.shape[1]}x{img.shape[0]})")
+        tiles.append(image_tiles(img, size, n, gen))
+    if small:
+        log(f"note: {folder}: {len(small)} image(s) smaller than image_size={size} px were upscaled (bicubic) "
+            f"to fit, which also smooths their degradation: {', '.join(small[:5])}{' ...' if len(small) > 5 else ''}")
+    pool = torch.cat(tiles)
+    log(f"{folder}: {len(pool)} tiles of {size}x{size} px from {len(names)} {'pairs' if paired else 'images'}")
+    return pool
+
+
+def load_folder_data(cfg, clean_dir=None, syn_dir=None, real_dir=None, eval_dir=None, device="cpu", log=print):
+    """Data (as make_data returns) from folders of image files; each piece no folder gives comes from
+    the built-in generators.
+    clean_dir: clean images; synthetic inputs are made from them online by the task's synthetic degradation
+    syn_dir:   ready-made synthetic pairs, syn_dir/input/NAME + syn_dir/target/NAME
+    real_dir:  real degraded images without ground truth (a plain folder); or real pairs in the paired
+               layout, of which DA uses only input/ (target/ serves the oracle and the diagnostic)
+    eval_dir:  real pairs (paired layout) for the real test set
+    Training images become up to CROPS_PER_IMAGE random crops of cfg.image_size px each (training then
+    draws random cfg.patch_size patches from those); each evaluation pair becomes one centre crop (the
+    `evaluate` command scores whole images). A corrupt file stops loading with its name."""
+    cfg.validate()
+    for flag, folder in (("clean-dir", clean_dir), ("syn-dir", syn_dir), ("real-dir", real_dir), ("eval-dir", eval_dir)):
+        if folder and not os.path.isdir(folder):                                    # fail before any slow work
+            raise FileNotFoundError(f"--{flag} {folder!r} is not a folder")
+    task, s = TASKS[cfg.task], cfg.image_size
+    gen = torch.Generator().manual_seed(cfg.seed)               # seeds the crops and the offline degradations
+    has_syn = bool(clean_dir or syn_dir)
+    base = None
+    if not (has_syn and real_dir and eval_dir):
+        # built-in pools only for the missing pieces (1 image stands in for the pools a folder replaces)
+        base = make_data(dataclasses.replace(cfg, n_syn=1 if has_syn else cfg.n_syn,
+                                             n_real=1 if real_dir else cfg.n_real,
+                                             n_test=1 if has_syn and eval_dir else cfg.n_test))
+    # synthetic pairs
+    syn_pairs = None
+    if clean_dir:
+        syn_clean = folder_tiles(clean_dir, s, gen, log=log)                        # (N, 3, s, s)
+    if syn_dir:
+        syn_pairs = folder_tiles(syn_dir, s, gen, paired=True, log=log)             # (N, 6, s, s)
+        if clean_dir:
+            # NOTE(simplification): given both folders, the clean images are degraded once here and
+            # join the ready-made pairs, instead of getting fresh synthetic noise at every step.
+            made = torch.cat([task["synthetic"](syn_clean, cfg.sigma_max, gen), syn_clean], 1)
+            syn_pairs = torch.cat([syn_pairs, made])
+        syn_clean = syn_pairs[:, 3:]                                                # a view: no copy
+    if has_syn:
+        # synthetic test set: n_test pool tiles spread over the pool (they are also trained on, so this
+        # measures the fit to the synthetic domain, not generalisation)
+        idx = torch.linspace(0, len(syn_clean) - 1, min(cfg.n_test, len(syn_clean))).long()
+        test_syn_clean = syn_clean[idx]
+        test_syn_noisy = (syn_pairs[idx, :3] if syn_pairs is not None
+                          else task["synthetic"](test_syn_clean, cfg.sigma_max, gen))
+    else:
+        syn_clean, test_syn_noisy, test_syn_clean = base.syn_clean, base.test_syn_noisy, base.test_syn_clean
+    # unpaired real images (and their ground truth, when the folder has it)
+    if real_dir and is_paired_folder(real_dir):
+        both = folder_tiles(real_dir, s, gen, paired=True, log=log)
+        real_noisy, real_clean = both[:, :3], both[:, 3:]
+    elif real_dir:
+        real_noisy, real_clean = folder_tiles(real_dir, s, gen, log=log), None
+    else:
+        real_noisy, real_clean = base.real_noisy, base.real_clean
+    # the real test set
+    if eval_dir:
+        both = folder_tiles(eval_dir, s, gen, n=None, paired=True, log=log)
+        test_real_noisy, test_real_clean = both[:, :3], both[:, 3:]
+    else:
+        test_real_noisy, test_real_clean = base.test_real_noisy, base.test_real_clean
+    builtin = f"built-in ({cfg.task}, real-like domain {cfg.real_noise})"
+    log(f"data: synthetic <- {' + '.join(d for d in (clean_dir, syn_dir) if d) or builtin}; "
+        f"real <- {real_dir or builtin}; real test set <- {eval_dir or builtin}")
+    return Data(syn_clean=syn_clean, real_noisy=real_noisy, real_clean=real_clean, test_syn_noisy=test_syn_noisy,
+                test_syn_clean=test_syn_clean, test_real_noisy=test_real_noisy, test_real_clean=test_real_clean,
+                syn_pairs=syn_pairs).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -811,6 +1163,9 @@ def train(cfg, data=None, out=None, resume=False, log=print):
     cfg.validate()
     device = pick_device(cfg.device)
     data = make_data(cfg, device) if data is None else data.to(device)
+    if cfg.method == "oracle" and data.real_clean is None:
+        raise ValueError("method 'oracle' trains on real pairs, but the real images have no ground truth: "
+                         "give --real-dir in the paired layout (input/ + target/) or use the built-in data")
     state = init_state(cfg, device)
     ckpt = os.path.join(out, "checkpoint.pt") if out else None
     if resume and ckpt and os.path.exists(ckpt):
@@ -818,9 +1173,10 @@ def train(cfg, data=None, out=None, resume=False, log=print):
         log(f"resumed from {ckpt} at step {state.step}")
     gmodels = (torch.compile(state.G), torch.compile(state.D)) if cfg.compile and device.type == "cuda" else None
     uses_diffusion = METHODS[cfg.method][0]
-    # a fixed batch for the mechanism diagnostic (real pairs: the clean half is used only to measure)
+    # a fixed batch for the mechanism diagnostic (real pairs: the clean half is used only to measure);
+    # without real ground truth (a folder of real images) there is no diagnostic
     torch.manual_seed(cfg.seed + 1)
-    diag = (*syn_batch(data, cfg), *real_pairs_batch(data, cfg))
+    diag = (*syn_batch(data, cfg), *real_pairs_batch(data, cfg)) if data.real_clean is not None else None
     torch.manual_seed(cfg.seed + 2 + state.step)
     h, t0, start = state.history, time.time(), state.step
     state.G.train(), state.D.train()
@@ -837,7 +1193,7 @@ def train(cfg, data=None, out=None, resume=False, log=print):
         last = step + 1 == cfg.steps
         if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
             m = evaluate_pools(state.G_ema, data)
-            cos = mechanism_diagnostic(state, *diag) if uses_diffusion else float("nan")
+            cos = mechanism_diagnostic(state, *diag) if uses_diffusion and diag else float("nan")
             h["eval_step"].append(step + 1)
             h["syn_psnr"].append(m["syn_psnr"])
             h["real_psnr"].append(m["real_psnr"])
@@ -928,6 +1284,73 @@ def restore(G, x):
     return (xp + G(xp))[..., :H, :W].clamp(0, 1)
 
 
+def ramp(n, overlap):
+    """(n,) blending weights of a tile: rising linearly over `overlap` px from each end, 1 in between."""
+    i = torch.arange(n, dtype=torch.float32) + 0.5
+    return (torch.minimum(i, n - i) / overlap).clamp(max=1)
+
+
+@torch.no_grad()
+def restore_tiled(G, x, tile=512, overlap=32):
+    """restore() for images of any size in bounded memory: G only ever sees tiles of at most tile x tile
+    px, which overlap by at least `overlap` px; where they overlap they are blended with linear ramps,
+    so no seams show. x: (B, 3, H, W) on the CPU (the whole image stays there; tiles go to G's device)
+    -> (B, 3, H, W) on the CPU."""
+    if tile <= 2 * overlap:
+        raise ValueError(f"tile ({tile} px) must be more than twice the overlap ({overlap} px)")
+    device = next(G.parameters()).device
+    H, W = x.shape[-2:]
+    if H <= tile and W <= tile:
+        return restore(G, x.to(device)).cpu()
+
+    def starts(n):                                       # tile origins covering 0..n with >= overlap shared px
+        return [0] if n <= tile else list(range(0, n - tile, tile - overlap)) + [n - tile]
+    h, w = min(tile, H), min(tile, W)
+    weight = ramp(h, overlap)[:, None] * ramp(w, overlap)[None, :]                   # (h, w)
+    out = torch.zeros(x.shape)                                                      # sum of weighted tiles
+    total = torch.zeros(H, W)                                                       # sum of weights
+    for top in starts(H):
+        for left in starts(W):
+            y = restore(G, x[..., top:top + h, left:left + w].to(device)).cpu()    # (B, 3, h, w)
+            out[..., top:top + h, left:left + w] += weight * y
+            total[top:top + h, left:left + w] += weight
+    return out / total
+
+
+def restore_files(ckpt, inp, output, force=False, tile=512, device="auto", log=print):
+    """The `restore` command: restore one image file, or every image of a folder, with the restorer of a
+    checkpoint. inp is a file (output: a file path, or an existing folder to write into) or a folder
+    (output: a folder; each result keeps its input's name). The output format follows the output's
+    extension; the size is the input's. Existing outputs are only replaced when force is set.
+    Returns the written paths."""
+    G, cfg = load_restorer(ckpt, pick_device(device))
+    log(f"restorer from {ckpt}: task {cfg.task}, method {cfg.method}, {n_params(G):,} parameters")
+    if os.path.isdir(inp):
+        if os.path.isfile(output):
+            raise ValueError(f"--input {inp!r} is a folder, so --output must be a folder, but {output!r} is a file")
+        jobs = [(os.path.join(inp, n), os.path.join(output, n)) for n in list_images(inp, log)]
+    elif os.path.isfile(inp):
+        jobs = [(inp, os.path.join(output, os.path.basename(inp)) if os.path.isdir(output) else output)]
+    else:
+        raise FileNotFoundError(f"--input {inp!r} does not exist")
+    for _, dst in jobs:                                  # check everything before the first (slow) image
+        if os.path.splitext(dst)[1].lower() not in IMAGE_EXTS:
+            raise ValueError(f"cannot write {dst!r}: give an output file ending in one of {', '.join(IMAGE_EXTS)} "
+                             "(or an existing folder)")
+    existing = [dst for _, dst in jobs if os.path.exists(dst)]
+    if existing and not force:
+        raise FileExistsError(f"refusing to overwrite {len(existing)} existing file(s): {', '.join(existing[:5])}"
+                              f"{' ...' if len(existing) > 5 else ''}; pass --force to replace them")
+    for src, dst in jobs:
+        t0 = time.time()
+        x = torch.from_numpy(read_image(src)).permute(2, 0, 1)[None]               # (1, 3, H, W)
+        y = restore_tiled(G, x, tile)
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        write_image(dst, y[0])
+        log(f"{src} -> {dst} ({x.shape[-1]}x{x.shape[-2]} px, {time.time() - t0:.1f} s)")
+    return [dst for _, dst in jobs]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------------------
@@ -979,6 +1402,31 @@ def evaluate_pools(G, data):
     s = evaluate(G, data.test_syn_noisy, data.test_syn_clean)
     r = evaluate(G, data.test_real_noisy, data.test_real_clean)
     return {"syn_psnr": s["psnr"], "syn_ssim": s["ssim"], "real_psnr": r["psnr"], "real_ssim": r["ssim"]}
+
+
+def evaluate_folder(G, folder, tile=512, log=print):
+    """Score G on every pair of a paired folder (folder/input/NAME, folder/target/NAME), on whole images
+    restored as the restore command does. Returns {"mean_psnr", "mean_ssim", "input_mean_psnr",
+    "input_mean_ssim", "per_image": [{"name", "psnr", "ssim", "input_psnr", "input_ssim"}, ...]}."""
+    rows = []
+    for name in paired_names(folder, log):
+        x, y = (torch.from_numpy(a).permute(2, 0, 1)[None] for a in read_pair(folder, name))  # (1, 3, H, W)
+        out = restore_tiled(G, x, tile)
+        rows.append({"name": name, "psnr": psnr(out, y).item(), "ssim": ssim(out, y).item(),
+                     "input_psnr": psnr(x, y).item(), "input_ssim": ssim(x, y).item()})
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("psnr", "ssim", "input_psnr", "input_ssim")}
+    return {"mean_psnr": mean["psnr"], "mean_ssim": mean["ssim"], "input_mean_psnr": mean["input_psnr"],
+            "input_mean_ssim": mean["input_ssim"], "per_image": rows}
+
+
+def folder_table(r):
+    """evaluate_folder's results as a text table: one row per image, then the means."""
+    lines = [f"{'image':30s} {'input PSNR':>10s} {'input SSIM':>10s} {'PSNR':>8s} {'SSIM':>8s}"]
+    for row in r["per_image"] + [{"name": "mean", **{k: r[f"mean_{k}"] for k in ("psnr", "ssim")},
+                                  **{f"input_{k}": r[f"input_mean_{k}"] for k in ("psnr", "ssim")}}]:
+        lines.append(f"{row['name'][:30]:30s} {row['input_psnr']:10.2f} {row['input_ssim']:10.4f} "
+                     f"{row['psnr']:8.2f} {row['ssim']:8.4f}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1132,6 +1580,57 @@ def save_comparison_figure(path, data, models, n=4):
     plt.close(fig)
 
 
+def write_example_folders(root, task="denoise", n_clean=200, n_real=200, n_eval=32, size=96, seed=0,
+                          force=False, log=print):
+    """Folders of PNG files made by the built-in generators and laid out as your own data would be, so
+    the own-data commands of the README run without downloading anything:
+        root/clean/NNNN.png                   clean images (the synthetic pairs are made from them)
+        root/real/NNNN.png                    real-like degraded images, without ground truth
+        root/eval/input/NNNN.png, eval/target real-like pairs, for evaluation only
+    The three sets show different clean images; the degradation is the task's first real-like domain."""
+    if os.path.isdir(root) and os.listdir(root) and not force:
+        raise FileExistsError(f"{root!r} is not empty; pass force=True to write into it anyway")
+    gen = torch.Generator().manual_seed(seed)
+    real_fn = next(iter(TASKS[task]["real"].values()))
+    clean = dead_leaves(n_clean + n_real + n_eval, size, gen)                       # (N, 3, size, size)
+    c, r, e = clean.split([n_clean, n_real, n_eval])
+    for sub, imgs in {"clean": c, "real": real_fn(r, gen), "eval/input": real_fn(e, gen), "eval/target": e}.items():
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+        for i, img in enumerate(imgs):
+            write_image(os.path.join(root, sub, f"{i:04d}.png"), img)
+    log(f"wrote {n_clean} clean, {n_real} real-like and {n_eval} evaluation pairs of {size}x{size} px to {root}")
+
+
+def save_task_figure(path, size=64, seed=0):
+    """One row per task: a clean built-in image, its synthetic degradation and each built-in real-like
+    one, with the PSNR of each against the clean image. `python -c "import dada_min as dm;
+    dm.save_task_figure('docs/tasks.png')"` makes the README's figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    gen = torch.Generator().manual_seed(seed)
+    n_cols = 2 + max(len(t["real"]) for t in TASKS.values())
+    fig, axes = plt.subplots(len(TASKS), n_cols, figsize=(2.2 * n_cols, 2.4 * len(TASKS)), squeeze=False)
+    for i, (task, fns) in enumerate(TASKS.items()):
+        y = dead_leaves(1, size, gen)                                               # (1, 3, size, size)
+        cols = [("clean", y), ("synthetic", fns["synthetic"](y, Config.sigma_max, gen).clamp(0, 1))]
+        cols += [(f"real-like: {name}", fn(y, gen)) for name, fn in fns["real"].items()]
+        for j, ax in enumerate(axes[i]):
+            ax.set_xticks([]), ax.set_yticks([])
+            if j >= len(cols):
+                ax.axis("off")
+                continue
+            title, img = cols[j]
+            ax.imshow(img[0].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_title(f"{task}: {title}" if j == 0 else title, fontsize=9)
+            if j:
+                ax.set_xlabel(f"{psnr(img, y).item():.1f} dB", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CLI: every Config field is a flag (--field value); unknown flags are rejected
 # ----------------------------------------------------------------------------------------------------------
@@ -1156,6 +1655,19 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--experiment", default=None, metavar="NAME", help="run a registered experiment (see README)")
     p.add_argument("--quick", action="store_true", help="with --experiment: the small size used by the tests")
+    # the commands for your own images (see COMMAND_FLAGS for which flag goes with which command)
+    p.add_argument("command", nargs="?", default=None, metavar="COMMAND",
+                   help="train | restore | evaluate (none: train on built-in data, as with --preset/--steps)")
+    p.add_argument("--clean-dir", default=None, metavar="DIR", help="train: folder of clean images")
+    p.add_argument("--syn-dir", default=None, metavar="DIR", help="train: synthetic pairs DIR/input + DIR/target")
+    p.add_argument("--real-dir", default=None, metavar="DIR", help="train: folder of real degraded images")
+    p.add_argument("--eval-dir", default=None, metavar="DIR", help="train, evaluate: real pairs DIR/input + DIR/target")
+    p.add_argument("--ckpt", default=None, metavar="FILE", help="restore, evaluate: a checkpoint.pt from train")
+    p.add_argument("--input", default=None, metavar="PATH", help="restore: an image file or a folder of images")
+    p.add_argument("--output", default=None, metavar="PATH", help="restore: output file (format from its extension) or folder")
+    p.add_argument("--json", default=None, metavar="FILE", help="evaluate: where to write the results")
+    p.add_argument("--tile", default=None, type=int, metavar="PX", help="restore, evaluate: tile side for large images (512)")
+    p.add_argument("--force", action="store_true", help="train, restore, evaluate: replace existing outputs")
     for f in dataclasses.fields(Config):
         p.add_argument(f"--{f.name}", dest=f"cfg_{f.name}", default=None, metavar="V",
                        type=lambda text, f=f: _parse_value(f, text),
@@ -1168,6 +1680,63 @@ def parse_config(args):
     return make_config(args.preset, **overrides)
 
 
+# command -> (the flags it requires, the command-only flags it accepts); no command accepts none of them
+COMMAND_FLAGS = {
+    None: ((), ()),
+    "train": (("out",), ("clean_dir", "syn_dir", "real_dir", "eval_dir", "force")),
+    "restore": (("ckpt", "input", "output"), ("tile", "force")),
+    "evaluate": (("ckpt", "eval_dir", "json"), ("tile", "force")),
+}
+
+
+def check_command(parser, args):
+    """Reject a flag given to a command that does not use it, and a missing required flag."""
+    if args.command not in COMMAND_FLAGS:
+        parser.error(f"unknown command {args.command!r}; choose train, restore or evaluate (or none)")
+    if args.command and (args.demo or args.experiment):
+        parser.error("--demo and --experiment run on their own, without a command")
+    required, accepted = COMMAND_FLAGS[args.command]
+    command_only = {f for req, acc in COMMAND_FLAGS.values() for f in req + acc} - {"out"}
+    given = {f for f in command_only if getattr(args, f) not in (None, False)}
+    extra = sorted(given - set(required) - set(accepted))
+    if extra:
+        flags = ", ".join("--" + f.replace("_", "-") for f in extra)
+        parser.error(f"{flags} cannot be used {'without a command' if args.command is None else 'with ' + args.command}")
+    missing = [f for f in required if getattr(args, f) is None]
+    if missing:
+        parser.error(f"{args.command} needs " + ", ".join("--" + f.replace("_", "-") for f in missing))
+
+
+def train_command(cfg, args, log=print):
+    """`train`: built-in data or folders (load_folder_data) -> OUT/checkpoint.pt and OUT/history.json."""
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out {out!r} is a file; give a folder")
+    if os.path.isdir(out) and os.listdir(out) and not (args.resume or args.force):
+        raise FileExistsError(f"--out {out!r} is not empty: pass --resume to continue the run saved there, or "
+                              "--force to start a new run that replaces its checkpoint.pt and history.json")
+    dirs = {k: getattr(args, k) for k in ("clean_dir", "syn_dir", "real_dir", "eval_dir")}
+    device = pick_device(cfg.device)
+    data = load_folder_data(cfg, **dirs, device=device, log=log) if any(dirs.values()) else make_data(cfg, device)
+    state = train(cfg, data, out=out, resume=args.resume, log=log)
+    log(json.dumps(evaluate_pools(state.G_ema, data)))
+    log(f"wrote {os.path.join(out, 'checkpoint.pt')} and {os.path.join(out, 'history.json')}")
+    return 0
+
+
+def evaluate_command(args, log=print):
+    """`evaluate`: score a checkpoint's restorer on a folder of real pairs; print a table, write JSON."""
+    if os.path.exists(args.json) and not args.force:
+        raise FileExistsError(f"{args.json!r} exists; pass --force to replace it")
+    G, cfg = load_restorer(args.ckpt, pick_device(args.cfg_device or "auto"))
+    r = evaluate_folder(G, args.eval_dir, args.tile or 512, log)
+    log(folder_table(r))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    atomic_write_text(args.json, json.dumps(r, indent=1))
+    log(f"wrote {args.json}")
+    return 0
+
+
 def main(argv=None):
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -1176,9 +1745,18 @@ def main(argv=None):
         hints = [f"{u} (did you mean {', '.join(difflib.get_close_matches(u.split('=')[0], opts, 2))}?)"
                  if difflib.get_close_matches(u.split("=")[0], opts, 2) else u for u in unknown]
         parser.error("unknown argument(s): " + "; ".join(hints) + ". Run with --help for the list.")
-    try:
+    check_command(parser, args)
+    try:                                                 # bad files and folders end as one clear error line
+        if args.command == "restore":
+            restore_files(args.ckpt, args.input, args.output, args.force, args.tile or 512, args.cfg_device or "auto")
+            return 0
+        if args.command == "evaluate":
+            return evaluate_command(args)
         cfg = parse_config(args)
-    except ValueError as e:
+        if args.command == "train":
+            print("config:", json.dumps(dataclasses.asdict(cfg)))
+            return train_command(cfg, args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         parser.error(str(e))
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     if args.demo:
