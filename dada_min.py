@@ -15,6 +15,7 @@ Read top to bottom: config, data, networks, noise schedule, the two anti-shortcu
 the training algorithm, inference, metrics, experiments, CLI.
 
     python dada_min.py --demo          # vanilla vs DA vs oracle on built-in data (~3 min on 2 CPU cores)
+    python dada_min.py --bench         # time one DA training step: GPU fast path vs plain fp32 (JSON lines)
     python dada_min.py --help          # every config field is a flag
 """
 
@@ -26,6 +27,8 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import gc
+import importlib.util
 import json
 import math
 import os
@@ -64,8 +67,8 @@ class Config:
     task: str = "denoise"         # restoration task: denoise | derain | deblur (each has built-in domains)
     seed: int = 0                 # seeds data generation, initialisation and sampling
     device: str = "auto"          # auto (cuda > mps > cpu) | cpu | cuda | mps
-    precision: str = "auto"       # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
-    compile: bool = False         # torch.compile the networks (opt-in; CUDA only)
+    precision: str = "auto"       # auto (CUDA: bf16, fp16 on pre-Ampere GPUs; fp32 elsewhere) | fp32 | bf16 | fp16
+    compile: bool = False         # torch.compile the networks (opt-in; CUDA with Triton only, else a note)
     # --- built-in data (all images in [0, 1], as the official denoising config) ---
     image_size: int = 48          # side of each generated clean image, px
     patch_size: int = 32          # side of the random training crops, px
@@ -145,6 +148,8 @@ PRESETS = {
                 ema_decay=0.999, eval_every=1000, log_every=250),
     # The official network sizes (PAPER.md §9): G depth 4 width 64, eps_theta base 64, mults 1,2,4,8,
     # two residual blocks per level, bottleneck attention, dropout 0.2, 128 px patches, lr 1e-4.
+    # Parameters: G 8,559,171 and eps_theta 62,643,075, the same as the official two networks layer for
+    # layer (python dada_min.py --bench --preset paper prints them).
     "paper": dict(image_size=160, patch_size=128, n_syn=1024, n_real=1024, n_test=64, sigma_max=75.0,
                   r_width=64, r_depth=4, d_width=64, d_mults=(1, 2, 4, 8), d_res_blocks=2, d_attn=True,
                   d_dropout=0.2, batch_size=3, lr=1e-4, ema_decay=0.9999, steps=100000, eval_every=5000,
@@ -479,22 +484,22 @@ def dihedral(x, k):
 def random_crops(pool, n, patch):
     """n random patches (n, C, patch, patch) from a pool (N, C, H, W), each with its own random crop
     and one of the 8 dihedral transforms. Channels stay together, so stacking (input, target) along C
-    keeps pairs aligned."""
+    keeps pairs aligned. One gather, no host synchronisation: the GPU never waits for the CPU here."""
     N, C, H, W = pool.shape
     dev = pool.device
     idx = torch.randint(N, (n,), device=dev)
     oy = torch.randint(H - patch + 1, (n,), device=dev)
     ox = torch.randint(W - patch + 1, (n,), device=dev)
-    ar = torch.arange(patch, device=dev)
-    iy = (oy[:, None] + ar)[:, :, None]                                             # (n, p, 1)
-    ix = (ox[:, None] + ar)[:, None, :]                                             # (n, 1, p)
-    out = pool[idx[:, None, None], :, iy, ix].permute(0, 3, 1, 2)                   # (n, C, p, p)
     k = torch.randint(8, (n,), device=dev)
-    for t in range(8):
-        sel = k == t
-        if sel.any():
-            out[sel] = dihedral(out[sel], t)
-    return out
+    # A dihedral transform only moves pixels, so applying it to a grid of (row, col) coordinates gives,
+    # for every output pixel, the crop pixel it comes from. Indexing with these maps crops and
+    # transforms in one step (a loop over k with boolean masks would need .any(), a host sync).
+    ar = torch.arange(patch, device=dev)
+    grid = torch.stack(torch.meshgrid(ar, ar, indexing="ij"))                       # (2, p, p) as (row, col)
+    maps = torch.stack([dihedral(grid, t) for t in range(8)])[k]                    # (n, 2, p, p)
+    iy = oy[:, None, None] + maps[:, 0]                                             # (n, p, p)
+    ix = ox[:, None, None] + maps[:, 1]                                             # (n, p, p)
+    return pool[idx[:, None, None], :, iy, ix].permute(0, 3, 1, 2)                  # (n, C, p, p)
 
 
 def syn_batch(data, cfg):
@@ -814,21 +819,25 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Self-attention over all positions (used at the bottleneck only, as in the official denoiser,
-    where attn_res never matches any other level).
-    NOTE(simplification): one head; the official block uses heads of 32 channels."""
+    """Multi-head self-attention over all positions (used at the bottleneck only, as in the official
+    denoiser, where attn_res never matches any other level). Heads of 32 channels, as the official
+    num_head_channels=32 (16 heads at 512 channels); one head when c is not a multiple of 32. The
+    number of heads does not change the parameter count."""
 
-    def __init__(self, c):
+    def __init__(self, c, head_channels=32):
         super().__init__()
+        self.heads = c // head_channels if c % head_channels == 0 else 1
         self.norm = norm(c)
         self.qkv = nn.Conv2d(c, 3 * c, 1)
         self.proj = nn.Conv2d(c, c, 1)
 
     def forward(self, x, emb=None):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # (B, HW, C)
-        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]        # (B, HW, C)
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        nh = self.heads
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, nh, C // nh, H * W)               # (B, 3, nh, C/nh, HW)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)                                   # (B, nh, HW, C/nh) each
+        h = F.scaled_dot_product_attention(q, k, v)                                 # (B, nh, HW, C/nh)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))               # heads back to channels
 
 
 class ConditionalDenoiser(nn.Module):
@@ -1033,17 +1042,38 @@ def pick_device(name="auto"):
 
 
 def pick_precision(precision, device):
-    """(autocast dtype or None, needs GradScaler). bf16 where the GPU supports it, fp16 + GradScaler on
-    older GPUs, plain fp32 on CPU and MPS (autocast there would only slow tiny networks down)."""
+    """(autocast dtype or None, needs GradScaler). auto: bf16 on GPUs that compute in bf16 natively
+    (compute capability >= 8: A100, H100, RTX 30xx and newer), fp16 + GradScaler on older GPUs (T4,
+    V100: their "bf16 support" is an emulation), plain fp32 on CPU and MPS (autocast there would only
+    slow tiny networks down). An explicit choice is honoured on any device; fp16 off CUDA runs without
+    loss scaling (fp16 gradients can underflow there: use bf16 or fp32 on CPU)."""
     if precision == "auto":
         if device.type != "cuda":
             return None, False
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        precision = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
     if precision == "fp32":
         return None, False
     if precision == "bf16":
         return torch.bfloat16, False
     return torch.float16, device.type == "cuda"
+
+
+def fast_path(device, compile=False):
+    """The other switches of the GPU fast path, decided in one place: (switches, note).
+    channels_last:   NHWC activations, the layout tensor-core convolutions want (CUDA only)
+    fused_adam:      one kernel for the whole Adam update instead of a few per tensor (CUDA only)
+    cudnn_benchmark: let cuDNN time its convolution algorithms once per shape (patches have one shape)
+    compile:         torch.compile the networks, only if asked (it costs minutes of compiling first)
+                     and only on CUDA with Triton; otherwise False, and `note` says why.
+    On CPU every switch is off, so the fast path there is exactly the plain fp32 path."""
+    cuda = device.type == "cuda"
+    note = None
+    if compile and not cuda:
+        note = f"note: compile=True is ignored on {device.type}: torch.compile is used on CUDA only; running eagerly"
+    elif compile and importlib.util.find_spec("triton") is None:
+        note = "note: compile=True is ignored: torch.compile needs Triton, which is not installed; running eagerly"
+    return {"channels_last": cuda, "fused_adam": cuda, "cudnn_benchmark": cuda,
+            "compile": bool(compile) and note is None}, note
 
 
 def autocast(device, dtype):
@@ -1061,22 +1091,28 @@ class TrainState:
     opt: torch.optim.Optimizer        # ONE Adam over G and eps_theta
     step: int = 0
     history: dict = field(default_factory=dict)
+    scaler: object = None             # torch.amp.GradScaler for fp16 on CUDA, else None (fp32 and bf16)
 
 
-def init_state(cfg, device):
-    """Fresh networks and optimiser, seeded by cfg.seed."""
+def init_state(cfg, device, fast=True):
+    """Fresh networks and optimiser, seeded by cfg.seed. fast=False turns off channels_last and the
+    fused Adam (the plain path the benchmark compares against); the weights are the same either way."""
     torch.manual_seed(cfg.seed)
     G, D = make_networks(cfg)
     G, D = G.to(device), D.to(device)
-    if device.type == "cuda":                                                       # faster convs on tensor cores
+    switches, _ = fast_path(device)
+    if fast and switches["channels_last"]:                                          # faster convs on tensor cores
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     uses_diffusion = METHODS[cfg.method][0]
     params = list(G.parameters()) + (list(D.parameters()) if uses_diffusion else [])
-    opt = torch.optim.Adam(params, lr=cfg.lr, fused=device.type == "cuda")
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=fast and switches["fused_adam"])
+    # fp16 has a narrow exponent range: scale the loss up so small gradients do not flush to zero
+    _, needs_scaler = pick_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
     hist = {"step": [], "loss_res": [], "loss_dif": [], "alpha": [], "hinge": [],
             "eval_step": [], "syn_psnr": [], "real_psnr": [], "diag_cos": []}
     return TrainState(cfg, G, copy.deepcopy(G).requires_grad_(False), D,
-                      NoiseSchedule(cfg.T, cfg.beta_start, cfg.beta_end).to(device), opt, 0, hist)
+                      NoiseSchedule(cfg.T, cfg.beta_start, cfg.beta_end).to(device), opt, 0, hist, scaler)
 
 
 @torch.no_grad()
@@ -1123,8 +1159,13 @@ def train_step(state, data, gmodels=None):
                      **({"hinge": dparts["hinge"]} if contrast else {})}
     # line 8: one optimiser step over both networks, then the EMA of G
     s.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    s.opt.step()
+    if s.scaler is None:                                                            # fp32 and bf16
+        loss.backward()
+        s.opt.step()
+    else:                                                                           # fp16: backward on loss * scale,
+        s.scaler.scale(loss).backward()                                             # unscale, skip the step if a
+        s.scaler.step(s.opt)                                                        # gradient overflowed, adapt the
+        s.scaler.update()                                                           # scale (no sync with fused Adam)
     ema_update(s.G_ema, s.G, min(cfg.ema_decay, (1 + s.step) / (10 + s.step)))   # warm-up: early EMA follows G
     s.step += 1
     return parts
@@ -1171,7 +1212,13 @@ def train(cfg, data=None, out=None, resume=False, log=print):
     if resume and ckpt and os.path.exists(ckpt):
         load_checkpoint(ckpt, state)
         log(f"resumed from {ckpt} at step {state.step}")
-    gmodels = (torch.compile(state.G), torch.compile(state.D)) if cfg.compile and device.type == "cuda" else None
+    switches, note = fast_path(device, cfg.compile)
+    if note:
+        log(note)
+    if switches["cudnn_benchmark"]:
+        torch.backends.cudnn.benchmark = True                                       # fixed patch size: tune once
+    # compiled views share their parameters with state.G and state.D; checkpoints save the raw modules
+    gmodels = (torch.compile(state.G), torch.compile(state.D)) if switches["compile"] else None
     uses_diffusion = METHODS[cfg.method][0]
     # a fixed batch for the mechanism diagnostic (real pairs: the clean half is used only to measure);
     # without real ground truth (a folder of real images) there is no diagnostic
@@ -1216,15 +1263,24 @@ def atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+def raw_module(model):
+    """The module itself, also when it is a torch.compile wrapper: its state dict would prefix every key
+    with '_orig_mod.' and no plain network could load it."""
+    return getattr(model, "_orig_mod", model)
+
+
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: an interrupted save never leaves a broken checkpoint.
-    Holds plain tensors and Python scalars only, so torch.load(weights_only=True) can read it."""
+    Holds plain tensors and Python scalars only, so torch.load(weights_only=True) can read it. The
+    networks are saved unwrapped (raw_module), so keys never carry compile prefixes."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     blob = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(state.cfg).items()},
             "step": state.step, "history": state.history,
-            "restorer": state.G.state_dict(), "restorer_ema": state.G_ema.state_dict(),
-            "denoiser": state.D.state_dict(), "optimizer": state.opt.state_dict(),
+            "restorer": raw_module(state.G).state_dict(), "restorer_ema": raw_module(state.G_ema).state_dict(),
+            "denoiser": raw_module(state.D).state_dict(), "optimizer": state.opt.state_dict(),
             "rng_cpu": torch.get_rng_state()}
+    if state.scaler is not None:                                                    # fp16: floats and ints only
+        blob["scaler"] = state.scaler.state_dict()
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(blob, tmp)
     os.replace(tmp, path)
@@ -1252,10 +1308,12 @@ def config_from_dict(d):
 def load_checkpoint(path, state):
     """Restore a TrainState in place (for resuming)."""
     blob = read_checkpoint(path)
-    state.G.load_state_dict(blob["restorer"])
-    state.G_ema.load_state_dict(blob["restorer_ema"])
-    state.D.load_state_dict(blob["denoiser"])
+    raw_module(state.G).load_state_dict(blob["restorer"])
+    raw_module(state.G_ema).load_state_dict(blob["restorer_ema"])
+    raw_module(state.D).load_state_dict(blob["denoiser"])
     state.opt.load_state_dict(blob["optimizer"])
+    if state.scaler is not None and blob.get("scaler"):                            # resume the fp16 loss scale
+        state.scaler.load_state_dict(blob["scaler"])
     state.step, state.history = blob["step"], blob["history"]
     torch.set_rng_state(blob["rng_cpu"])
     return state
@@ -1632,6 +1690,132 @@ def save_task_figure(path, size=64, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Experiments: the throughput benchmark (fast path vs plain fp32, in one process)
+# ----------------------------------------------------------------------------------------------------------
+def loss_agreement(ref, other, rtol=1e-2):
+    """(largest relative difference between two dicts of losses, whether it is <= rtol). The default is
+    a bf16 tolerance: bf16 keeps 8 significant bits (steps of 2^-8 = 0.4% relative), and a loss that
+    averages many such values lands within a couple of those steps of the fp32 value."""
+    diff = max(abs(other[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref)
+    return diff, diff <= rtol
+
+
+def _sync(device):
+    """CUDA kernels run asynchronously: wait for all of them before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _max_rss_mb():
+    """Peak resident memory of this process so far (the CPU has no per-run peak like CUDA's), or None."""
+    try:
+        import resource
+    except ImportError:                                                             # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss                        # KiB on Linux, bytes on macOS
+    return round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
+
+
+def _bench_path(cfg, data, device, fast, steps, warmup):
+    """Time train_step on one path. Returns (ms per step, peak CUDA MiB or None, check losses, switches)."""
+    switches, _ = fast_path(device, cfg.compile)
+    if not fast:
+        switches = {k: False for k in switches}
+    cudnn_before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = switches["cudnn_benchmark"]
+    state = init_state(cfg, device, fast=fast)
+    gmodels = (torch.compile(state.G), torch.compile(state.D)) if switches["compile"] else None
+    # The loss check: init_state seeded the weights, and the same seed gives the same batch, gamma, eps
+    # and slot swaps (both paths draw the same random numbers in the same order). Dropout is off for
+    # this one step: its masks depend on the memory layout and on compilation, not only on the seed.
+    # At step 0 alpha = 0, so this step changes G only through L_Res.
+    state.D.eval()
+    torch.manual_seed(cfg.seed + 1)
+    parts = train_step(state, data, gmodels)
+    losses = {k: float(parts[k]) for k in ("loss_res", "loss_dif")}                # host sync: fine, untimed
+    state.D.train()
+    for _ in range(warmup):                                                         # cuDNN tuning, compiling,
+        train_step(state, data, gmodels)                                            # allocator growth
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(state, data, gmodels)
+    _sync(device)
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    peak = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None
+    torch.backends.cudnn.benchmark = cudnn_before
+    del state, gmodels                                                              # free memory for the next path
+    if switches["compile"]:
+        torch.compiler.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ms, peak, losses, switches
+
+
+def bench(cfg, batches=None, size=None, steps=20, warmup=None, label=None, log=print):
+    """Throughput of one DA training step (Algorithm A: G on both domains, both eps_theta passes, one
+    backward through both networks, the Adam step and the EMA), timed after a warm-up, for the fast
+    path (cfg.precision, channels_last, fused Adam, cuDNN autotuning, cfg.compile) and for the plain
+    fp32 eager path, in the same process, on the same data and the same initial weights.
+    batches: batch sizes to time (default [cfg.batch_size]); size: patch side in px (default
+    cfg.patch_size); steps: timed steps per path; warmup: untimed steps after the (also untimed) loss
+    check step (default 5 on CUDA for cuDNN tuning and compiling, 1 elsewhere).
+    Logs one JSON line per (batch, path) with: path, device, precision, channels_last, fused_adam,
+    cudnn_benchmark, compile, batch, size, steps, warmup, ms_per_step, pairs_per_s (synthetic pairs per
+    second; each comes with one real image), peak_mem_mb (CUDA max_memory_allocated over the timed
+    steps; null on CPU), max_rss_mb (this process's peak resident memory so far), params_restorer,
+    params_denoiser, loss_res, loss_dif (the check step's losses). The fast line adds speedup (its
+    pairs/s over the fp32 line's), loss_max_rel_diff, loss_rtol and losses_agree. Returns the rows."""
+    device = pick_device(cfg.device)
+    batches = list(batches or [cfg.batch_size])
+    size = size or cfg.patch_size
+    warmup = (5 if device.type == "cuda" else 1) if warmup is None else warmup
+    amp_dtype, _ = pick_precision(cfg.precision, device)
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    _, note = fast_path(device, cfg.compile)
+    if note:
+        log(note)
+    G, D = make_networks(cfg)
+    counts = {"params_restorer": n_params(G), "params_denoiser": n_params(D)}
+    del G, D
+    dev_name = (f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+                else f"{device.type} ({torch.get_num_threads()} threads)")
+    log(f"parameters: restorer G {counts['params_restorer']:,}, denoiser eps_theta {counts['params_denoiser']:,}")
+    rows = []
+    for B in batches:
+        n = max(16, 2 * B)                            # small pools: the bench times the step, not the data
+        bcfg = dataclasses.replace(cfg, method="da", batch_size=B, patch_size=size, image_size=size,
+                                   n_syn=n, n_real=n, n_test=1).validate()
+        data = make_data(bcfg, device)
+        by_path = {}
+        for path, pcfg, fast in (("fp32-eager", dataclasses.replace(bcfg, precision="fp32", compile=False), False),
+                                 ("fast", bcfg, True)):
+            ms, peak, losses, sw = _bench_path(pcfg, data, device, fast, steps, warmup)
+            row = {"bench": "da_train_step", "preset": label, "path": path, "device": dev_name,
+                   "precision": "fp32" if not fast else precision, **sw, "batch": B, "size": size,
+                   "steps": steps, "warmup": warmup, "ms_per_step": round(ms, 3),
+                   "pairs_per_s": float(f"{B / ms * 1e3:.4g}"), "peak_mem_mb": peak, "max_rss_mb": _max_rss_mb(),
+                   **counts, **losses}
+            by_path[path] = row
+        slow, fast_row = by_path["fp32-eager"], by_path["fast"]
+        diff, ok = loss_agreement({k: slow[k] for k in ("loss_res", "loss_dif")},
+                                  {k: fast_row[k] for k in ("loss_res", "loss_dif")})
+        fast_row.update(speedup=float(f"{slow['ms_per_step'] / fast_row['ms_per_step']:.4g}"),    # = pairs/s ratio
+                        loss_max_rel_diff=diff, loss_rtol=1e-2, losses_agree=ok)
+        for row in (slow, fast_row):
+            log(json.dumps(row))
+        log(f"batch {B}, {size} px, {dev_name}: fp32 eager {slow['ms_per_step']:.1f} ms/step "
+            f"({slow['pairs_per_s']:.3g} pairs/s); fast ({precision}{', compiled' if fast_row['compile'] else ''}) "
+            f"{fast_row['ms_per_step']:.1f} ms/step ({fast_row['pairs_per_s']:.3g} pairs/s): "
+            f"{fast_row['speedup']:.2f}x; losses {'agree' if ok else 'DISAGREE'} (max relative difference {diff:.1e})")
+        rows += [slow, fast_row]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
 # CLI: every Config field is a flag (--field value); unknown flags are rejected
 # ----------------------------------------------------------------------------------------------------------
 def _parse_value(f, text):
@@ -1644,6 +1828,13 @@ def _parse_value(f, text):
     if f.type in (tuple, "tuple"):
         return tuple(int(v) for v in text.split(","))
     return {"int": int, "float": float, "str": str}.get(f.type, f.type)(text)
+
+
+def _int_list(text):
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects integers separated by commas, e.g. 3,16; got {text!r}") from None
 
 
 def build_parser():
@@ -1668,6 +1859,10 @@ def build_parser():
     p.add_argument("--json", default=None, metavar="FILE", help="evaluate: where to write the results")
     p.add_argument("--tile", default=None, type=int, metavar="PX", help="restore, evaluate: tile side for large images (512)")
     p.add_argument("--force", action="store_true", help="train, restore, evaluate: replace existing outputs")
+    p.add_argument("--bench", action="store_true", help="time the DA training step, fast path vs fp32 (JSON lines)")
+    p.add_argument("--batch", default=None, metavar="B[,B..]", type=_int_list,
+                   help="with --bench: batch sizes, e.g. 3,16 (default: the preset's batch_size)")
+    p.add_argument("--size", default=None, metavar="PX", type=int, help="with --bench: patch side (default patch_size)")
     for f in dataclasses.fields(Config):
         p.add_argument(f"--{f.name}", dest=f"cfg_{f.name}", default=None, metavar="V",
                        type=lambda text, f=f: _parse_value(f, text),
@@ -1761,6 +1956,12 @@ def main(argv=None):
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     if args.demo:
         demo(cfg, args.out or "runs/demo")
+        return 0
+    if args.bench:                                    # --steps counts the timed steps here (default 20)
+        try:
+            bench(cfg, args.batch, args.size, steps=args.cfg_steps or 20, label=args.preset)
+        except ValueError as e:
+            parser.error(str(e))
         return 0
     if args.experiment:
         if args.experiment not in EXPERIMENTS:

@@ -1,0 +1,248 @@
+"""The GPU fast path and the throughput benchmark, checked on CPU: the decisions (precision, layout,
+fused Adam, compile), the fp16 loss-scaling code path, compile-free checkpoints, the sync-free crops,
+the paper-size parameter counts and the bench's JSON output and loss check."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dada_min as dm
+
+CPU = torch.device("cpu")
+BENCH_KEYS = {"bench", "preset", "path", "device", "precision", "channels_last", "fused_adam", "cudnn_benchmark",
+              "compile", "batch", "size", "steps", "warmup", "ms_per_step", "pairs_per_s", "peak_mem_mb",
+              "max_rss_mb", "params_restorer", "params_denoiser", "loss_res", "loss_dif"}
+FAST_KEYS = BENCH_KEYS | {"speedup", "loss_max_rel_diff", "loss_rtol", "losses_agree"}
+
+
+def _json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+# --- decisions: precision, layout, fused Adam, compile ------------------------------------------------------
+def test_pick_precision_on_cpu():
+    assert dm.pick_precision("auto", CPU) == (None, False)          # nothing on CPU
+    assert dm.pick_precision("fp32", CPU) == (None, False)
+    assert dm.pick_precision("bf16", CPU) == (torch.bfloat16, False)
+    assert dm.pick_precision("fp16", CPU) == (torch.float16, False)  # documented: no loss scaling off CUDA
+
+
+@pytest.mark.parametrize("major, expected", [(9, (torch.bfloat16, False)), (8, (torch.bfloat16, False)),
+                                             (7, (torch.float16, True))])
+def test_pick_precision_auto_on_cuda_follows_compute_capability(monkeypatch, major, expected):
+    # no GPU needed: only the capability query is faked (H100 = 9, A100 = 8, T4/V100 = 7)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    assert dm.pick_precision("auto", torch.device("cuda")) == expected
+    assert dm.pick_precision("fp16", torch.device("cuda")) == (torch.float16, True)
+    assert dm.pick_precision("fp32", torch.device("cuda")) == (None, False)
+
+
+def test_fast_path_switches_are_cuda_only(monkeypatch):
+    sw, note = dm.fast_path(CPU)
+    assert not any(sw.values()) and note is None
+    sw, note = dm.fast_path(CPU, compile=True)                      # compile on CPU: off, and said so
+    assert sw["compile"] is False and "compile" in note and "cpu" in note
+    monkeypatch.setattr(dm.importlib.util, "find_spec", lambda name: object())   # pretend Triton exists
+    sw, note = dm.fast_path(torch.device("cuda"), compile=True)
+    assert sw == {"channels_last": True, "fused_adam": True, "cudnn_benchmark": True, "compile": True}
+    assert note is None
+    assert dm.fast_path(torch.device("cuda"))[0]["compile"] is False   # compile stays opt-in
+    monkeypatch.setattr(dm.importlib.util, "find_spec", lambda name: None)       # no Triton
+    sw, note = dm.fast_path(torch.device("cuda"), compile=True)
+    assert sw["compile"] is False and "Triton" in note and sw["channels_last"]
+
+
+def test_init_state_on_cpu_is_the_plain_path():
+    state = dm.init_state(dm.make_config("tiny"), CPU)
+    w = state.D.inp.weight
+    assert w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)
+    assert not state.opt.defaults["fused"] and state.scaler is None
+
+
+def test_compile_on_cpu_prints_a_note_and_trains(tiny_data):
+    logs = []
+    state = dm.train(dm.make_config("tiny", compile=True, steps=1, eval_every=0), tiny_data, log=logs.append)
+    assert state.step == 1
+    assert any("compile=True is ignored" in line for line in logs)
+
+
+# --- fp16 loss scaling ---------------------------------------------------------------------------------------
+def test_fp16_grad_scaler_path_trains_and_checkpoints(tmp_path, tiny_data):
+    cfg = dm.make_config("tiny", precision="fp16", steps=2)
+    state = dm.init_state(cfg, CPU)
+    assert state.scaler is None                                     # on CPU no scaler is made ...
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)  # ... so run the CUDA code path by hand
+    before = [p.detach().clone() for p in state.G.parameters()]
+    for _ in range(2):
+        parts = dm.train_step(state, tiny_data)
+        assert torch.isfinite(parts["loss_res"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, state.G.parameters()))    # steps were taken
+    path = str(tmp_path / "ck.pt")
+    dm.save_checkpoint(path, state)
+    blob = torch.load(path, weights_only=True)                     # the scaler state is plain numbers
+    assert blob["scaler"]["scale"] == state.scaler.get_scale()
+    fresh = dm.init_state(cfg, CPU)
+    fresh.scaler = torch.amp.GradScaler("cpu")
+    dm.load_checkpoint(path, fresh)
+    assert fresh.scaler.get_scale() == state.scaler.get_scale()
+
+
+# --- checkpoints never carry compile prefixes ----------------------------------------------------------------
+class _CompiledLike(nn.Module):
+    """What torch.compile returns holds the network as the submodule `_orig_mod`, so its state dict
+    prefixes every key with '_orig_mod.'."""
+
+    def __init__(self, model):
+        super().__init__()
+        self._orig_mod = model
+
+
+def test_checkpoint_keys_have_no_compile_prefix(tmp_path, tiny_cfg):
+    state = dm.init_state(tiny_cfg, CPU)
+    state.G, state.D = _CompiledLike(state.G), _CompiledLike(state.D)
+    assert all(k.startswith("_orig_mod.") for k in state.G.state_dict())              # the hazard is real
+    path = str(tmp_path / "ck.pt")
+    dm.save_checkpoint(path, state)
+    blob = dm.read_checkpoint(path)
+    for part in ("restorer", "restorer_ema", "denoiser"):
+        assert blob[part] and not any("_orig_mod" in k for k in blob[part])
+    G, _ = dm.load_restorer(path)                                   # a plain network loads it
+    dm.load_checkpoint(path, state)                                 # and so does the wrapped state
+
+
+# --- data: crops without host synchronisation ----------------------------------------------------------------
+def _crops_reference(pool, n, patch):
+    """The straightforward version: crop, then transform each sample with a mask loop (host syncs)."""
+    N, C, H, W = pool.shape
+    idx = torch.randint(N, (n,))
+    oy, ox = torch.randint(H - patch + 1, (n,)), torch.randint(W - patch + 1, (n,))
+    k = torch.randint(8, (n,))
+    out = torch.stack([pool[i, :, y:y + patch, x:x + patch] for i, y, x in zip(idx, oy, ox)])
+    for t in range(8):
+        if (k == t).any():
+            out[k == t] = dm.dihedral(out[k == t], t)
+    return out
+
+
+def test_random_crops_equal_the_loop_reference():
+    pool = torch.rand(6, 4, 13, 11)
+    torch.manual_seed(5)
+    ref = _crops_reference(pool, 64, 7)
+    torch.manual_seed(5)
+    torch.testing.assert_close(dm.random_crops(pool, 64, 7), ref, rtol=0, atol=0)
+
+
+# --- networks: the paper sizes -------------------------------------------------------------------------------
+def _official_layout_counts():
+    """Parameters of the official RestorationNet (depth 4, wf 64) and guided-diffusion UNet (base 64,
+    mults 1,2,4,8, 2 res blocks, scale-shift norm, resblock up/down, attention in the middle block only,
+    9 input channels, gamma embedding 64 -> 256), counted layer by layer from their definitions."""
+    def conv(i, o, k):
+        return i * o * k * k + o
+
+    r, c, chans = 0, 3, [64, 128, 256, 512]
+    for co in chans:
+        r += conv(c, co, 3) + conv(co, co, 3)
+        c = co
+    for co in reversed(chans[:-1]):
+        r += conv(c, co, 3) + conv(2 * co, co, 3) + conv(co, co, 3)
+        c = co
+    r += conv(c, 3, 3)
+
+    E = 256
+
+    def res(ci, co):  # GN, conv, Linear(E, 2co) for scale-shift, GN, conv, 1x1 skip when channels change
+        return 2 * ci + conv(ci, co, 3) + (E * 2 * co + 2 * co) + 2 * co + conv(co, co, 3) + (
+            0 if ci == co else conv(ci, co, 1))
+
+    d = (64 * E + E) + (E * E + E) + conv(9, 64, 3)
+    ch, skips = 64, [64]
+    for level, m in enumerate((1, 2, 4, 8)):
+        for _ in range(2):
+            d += res(ch, 64 * m)
+            ch = 64 * m
+            skips.append(ch)
+        if level < 3:
+            d += res(ch, ch)
+            skips.append(ch)
+    d += 2 * res(ch, ch) + (2 * ch + conv(ch, 3 * ch, 1) + conv(ch, ch, 1))
+    for level, m in reversed(list(enumerate((1, 2, 4, 8)))):
+        for i in range(3):
+            d += res(ch + skips.pop(), 64 * m)
+            ch = 64 * m
+            if level and i == 2:
+                d += res(ch, ch)
+    d += 2 * ch + conv(64, 3, 3)
+    return r, d
+
+
+def test_paper_preset_parameter_counts():
+    G, D = dm.make_networks(dm.make_config("paper"))
+    assert dm.n_params(G) == 8_559_171                               # the paper's 8.56 M
+    assert dm.n_params(D) == 62_643_075                              # "about 62.6 M"
+    assert (dm.n_params(G), dm.n_params(D)) == _official_layout_counts()
+
+
+def test_attention_heads_of_32_channels_match_a_per_head_reference():
+    assert dm.AttnBlock(512).heads == 16 and dm.AttnBlock(48).heads == 1
+    torch.manual_seed(0)
+    blk = dm.AttnBlock(64)                                          # 2 heads
+    x = torch.randn(2, 64, 4, 5)
+    qkv = blk.qkv(blk.norm(x)).flatten(2)                           # (B, 3C, HW): q, k, v blocks of C channels
+    heads = []
+    for h in range(2):
+        q, k, v = (qkv[:, j * 64 + h * 32: j * 64 + (h + 1) * 32] for j in range(3))  # (B, 32, HW) each
+        w = torch.softmax(q.transpose(1, 2) @ k / 32 ** 0.5, -1)    # (B, HW, HW)
+        heads.append((w @ v.transpose(1, 2)).transpose(1, 2))       # (B, 32, HW)
+    ref = x + blk.proj(torch.cat(heads, 1).view_as(x))
+    torch.testing.assert_close(blk(x), ref, rtol=1e-5, atol=1e-5)
+
+
+# --- the benchmark -------------------------------------------------------------------------------------------
+def test_loss_agreement_flags_differences():
+    assert dm.loss_agreement({"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 2.01}) == pytest.approx((0.005, True))
+    diff, ok = dm.loss_agreement({"a": 1.0}, {"a": 1.05})
+    assert diff == pytest.approx(0.05) and not ok
+
+
+def test_bench_on_cpu_prints_json_lines_and_the_paths_agree_exactly(capsys):
+    cfg = dm.make_config("tiny", device="cpu")
+    rows = dm.bench(cfg, steps=1, warmup=0, label="tiny")
+    lines = _json_lines(capsys.readouterr().out)
+    assert lines == rows and [r["path"] for r in rows] == ["fp32-eager", "fast"]
+    slow, fast = rows
+    assert set(slow) == BENCH_KEYS and set(fast) == FAST_KEYS
+    G, D = dm.make_networks(cfg)
+    for r in rows:
+        assert (r["params_restorer"], r["params_denoiser"]) == (dm.n_params(G), dm.n_params(D))
+        assert r["batch"] == cfg.batch_size and r["size"] == cfg.patch_size and r["peak_mem_mb"] is None
+        assert r["pairs_per_s"] == pytest.approx(r["batch"] / r["ms_per_step"] * 1e3, rel=1e-3)
+        assert r["precision"] == "fp32" and r["device"].startswith("cpu")
+        assert not (r["channels_last"] or r["fused_adam"] or r["compile"])
+    # on CPU the fast path IS the fp32 path: same weights, same batch, same draws -> identical losses
+    assert fast["loss_max_rel_diff"] == 0.0 and fast["losses_agree"] is True
+    assert fast["speedup"] == pytest.approx(slow["ms_per_step"] / fast["ms_per_step"], rel=1e-3)
+    assert fast["speedup"] == pytest.approx(fast["pairs_per_s"] / slow["pairs_per_s"], rel=2e-3)   # 4 digits each
+
+
+def test_bench_loss_check_sees_bf16_rounding_within_tolerance():
+    cfg = dm.make_config("tiny", device="cpu", precision="bf16", d_dropout=0.2)     # dropout is off for the check
+    slow, fast = dm.bench(cfg, steps=1, warmup=0, log=lambda s: None)
+    assert fast["precision"] == "bf16" and slow["precision"] == "fp32"
+    assert fast["loss_res"] == slow["loss_res"]                     # G starts as the identity: exact
+    assert 0 < fast["loss_max_rel_diff"] <= fast["loss_rtol"] and fast["losses_agree"]
+
+
+def test_bench_cli_batches_and_size(capsys):
+    assert dm.main(["--bench", "--preset", "tiny", "--device", "cpu", "--batch", "2,3", "--size", "8",
+                    "--steps", "1"]) == 0
+    rows = _json_lines(capsys.readouterr().out)
+    assert [(r["batch"], r["path"]) for r in rows] == [(2, "fp32-eager"), (2, "fast"), (3, "fp32-eager"), (3, "fast")]
+    assert all(r["size"] == 8 and r["steps"] == 1 and r["preset"] == "tiny" for r in rows)
+
+
+def test_bench_cli_rejects_a_bad_size(capsys):
+    with pytest.raises(SystemExit):
+        dm.main(["--bench", "--preset", "tiny", "--device", "cpu", "--size", "7", "--steps", "1"])
+    assert "patch_size" in capsys.readouterr().err
