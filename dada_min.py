@@ -1562,7 +1562,7 @@ def exp_effect(cfg, out, quick, variants=("vanilla", "da", "oracle"), domains=No
                     m["diag_by_gamma"] = {str(g): mechanism_diagnostic(state, *diag, gamma=torch.tensor([g], device=device))
                                           for g in NOISE_LEVELS}
                     m["diag_cos"] = state.history["diag_cos"][-1]
-                m["real_psnr_curve"] = state.history["real_psnr"]
+                m["real_psnr_curve"], m["eval_step"] = state.history["real_psnr"], state.history["eval_step"]
                 rows[v].append(m)
                 print(f"[effect] {dname} seed {c.seed} {v:12s} syn {m['syn_psnr']:.2f} real {m['real_psnr']:.2f}"
                       + (f" diag {m['diag_cos']:+.3f}" if "diag_cos" in m else "") + f"  ({time.time() - t0:.0f}s)")
@@ -1598,9 +1598,9 @@ def _plot_effect(path, res):
     fig, axes = plt.subplots(1, len(doms), figsize=(5 * len(doms), 3.5), squeeze=False)
     for ax, d in zip(axes[0], doms):
         for v, runs in res["domains"][d]["runs"].items():
-            curves = np.array([r["real_psnr_curve"] for r in runs])
-            ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), marker="o", label=v)
-        ax.set_title(f"real-like domain: {d}"), ax.set_xlabel("evaluation"), ax.set_ylabel("real-like PSNR (dB)")
+            curves = np.array([r["real_psnr_curve"] for r in runs])                 # (seeds, evaluations)
+            ax.plot(runs[0]["eval_step"], curves.mean(0), marker="o", label=v)
+        ax.set_title(f"real-like domain: {d}"), ax.set_xlabel("training step"), ax.set_ylabel("real-like PSNR (dB)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
