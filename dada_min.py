@@ -722,6 +722,9 @@ def adversarial_loss(method, G, critic, x_syn, y_syn, x_real, lam):
     B = x_syn.shape[0]
     if method == "dann":
         r, feats = G(torch.cat([x_syn, x_real]), return_features=True)             # (2B, 3, p, p), (2B, C, h, w)
+        # the critic sees layer-normalised features: otherwise G "wins" the game by inflating their scale
+        # without bound (G has no normalisation layers) and training diverges
+        feats = F.layer_norm(feats.float(), feats.shape[1:])
         logits = critic(GradReverse.apply(feats, lam))                              # (2B, 1, h, w)
         adv = (bce_logits(logits[:B], 1.0) + bce_logits(logits[B:], 0.0)) / 2
         r_syn = r[:B].float()
