@@ -1417,6 +1417,7 @@ def exp_condition(cfg, out, quick, log=print):
                "ratio_80_to_0": means[-1] / means[0],
                # Fig. 1a's claim: the error rises monotonically with the condition's noise level
                "claims": {"monotone_increasing": all(b > a for a, b in zip(means, means[1:])),
+                          "monotone_in_every_seed": all(all(b > a for a, b in zip(e, e[1:])) for e in per_seed),
                           "error_at_80_above_0": means[-1] > means[0]}}
     scale = 10 ** math.floor(math.log10(max(means)))
     lines = [f"condition (Fig. 1a): noise-prediction error vs the condition's AWGN level, seeds {seeds}",

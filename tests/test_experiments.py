@@ -177,6 +177,7 @@ def test_condition_quick(tmp_path):
     for e in res["error"]:
         assert 0 < e["mean"] < 10 and e["std"] is None
     assert math.isclose(res["ratio_80_to_0"], res["error"][-1]["mean"] / res["error"][0]["mean"])
+    assert set(res["claims"]) == {"monotone_increasing", "monotone_in_every_seed", "error_at_80_above_0"}
     assert os.path.getsize(os.path.join(out, "condition.png")) > 1000
 
 
