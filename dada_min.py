@@ -45,15 +45,25 @@ import torch.nn.functional as F
 # Config
 # ----------------------------------------------------------------------------------------------------------
 METHODS = {
-    # name:        (diffusion loss?, channel shuffle?, contrastive?, diffusion input)
-    "vanilla":     (False, False, False, None),      # G on synthetic pairs only (the paper's "Vanilla")
-    "da":          (True, True, True, "syn"),        # the paper's full method, Algorithm A in PAPER.md §7
-    "no_shuffle":  (True, False, True, "syn"),       # ablation: without channel shuffle (CS)
-    "no_contrast": (True, True, False, "syn"),       # ablation: without residual swapping (RS)
-    "naive":       (True, False, False, "syn"),      # naive joint training, Table 4 (d)
-    "da_ex":       (True, True, False, "ref"),       # "Ours-Ex": noise an unpaired clean image, CS only
-    "oracle":      (False, False, False, None),      # G on REAL pairs: an upper bound using ground truth
-}                                                    # that the method itself never sees
+    # name:        (diffusion loss?, channel shuffle?, contrastive?, diffusion input, conditions)
+    "vanilla":     (False, False, False, None, None),       # G on synthetic pairs only (the paper's "Vanilla")
+    "da":          (True, True, True, "syn", "both"),       # the paper's full method, Algorithm A in PAPER.md §7
+    "no_shuffle":  (True, False, True, "syn", "both"),      # ablation: without channel shuffle (CS)
+    "no_contrast": (True, True, False, "syn", "both"),      # ablation: without residual swapping (RS)
+    "naive":       (True, False, False, "syn", "both"),     # naive joint training, Table 4 (d)
+    "da_ex":       (True, True, False, "ref", "both"),      # "Ours-Ex": noise an unpaired clean image, CS only
+    "oracle":      (False, False, False, None, None),       # G on REAL pairs: an upper bound using ground truth
+                                                            # that the method itself never sees
+    # Table 4's last two rows; the paper does not say how they were built, so this is our reading:
+    "only_syn":    (True, False, False, "syn", "syn"),      # both condition slots hold y_syn_hat: real images
+                                                            # never reach eps_theta (their gradient is zero)
+    "only_real":   (True, False, False, "syn", "real"),     # both slots hold y_real_hat: the noised y_syn is
+                                                            # conditioned only on unrelated real outputs
+    # simplified baselines for Tables 1-3 (no diffusion model; see "Baselines" below)
+    "dann":        (False, False, False, None, None),       # feature-space DA: domain classifier + grad reversal
+    "pixel_da":    (False, False, False, None, None),       # pixel-space DA: discriminator on restored outputs
+}
+ADVERSARIAL = ("dann", "pixel_da")                          # methods that train a critic network alongside G
 
 
 # NOTE(simplification): the defaults are the cpu-demo scale: tiny networks (G ~0.13M instead of 8.56M
@@ -764,17 +774,19 @@ class RestorerUNet(nn.Module):
         # Kaiming initialisation everywhere.
         nn.init.zeros_(self.last.weight), nn.init.zeros_(self.last.bias)
 
-    def forward(self, x):                                                           # x: (B, 3, H, W)
+    def forward(self, x, return_features=False):                                    # x: (B, 3, H, W)
         skips = []
         for i, block in enumerate(self.down):
             x = block(x)
             if i < self.depth - 1:
                 skips.append(x)
                 x = F.avg_pool2d(x, 2)
+        features = x                                                                # bottleneck (B, c_max, h, w)
         for conv, block in zip(self.up_conv, self.up_block):
             x = conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
             x = block(torch.cat([x, skips.pop()], 1))                               # (B, 2c, h, w) -> (B, c, h, w)
-        return self.last(x)                                                         # residual R(x): (B, 3, H, W)
+        # residual R(x): (B, 3, H, W); the bottleneck features only for the feature-space baseline (DANN)
+        return (self.last(x), features) if return_features else self.last(x)
 
 
 def gamma_embedding(gamma, dim, max_period=10000):
@@ -1024,6 +1036,81 @@ def alpha_ramp(step, total_ramp_steps, alpha_max=0.2):
     return (2 / (1 + math.exp(-5 * p)) - 1) * alpha_max
 
 
+def condition_pair(which, y_syn_hat, y_real_hat):
+    """The two restored images that fill eps_theta's condition slots C(c1, c2). "both" is the method:
+    (y_syn_hat, y_real_hat). "syn" and "real" are our reading of Table 4's "only syn" / "only real" rows:
+    the same image in both slots, so the other domain never reaches eps_theta."""
+    return {"both": (y_syn_hat, y_real_hat), "syn": (y_syn_hat, y_syn_hat), "real": (y_real_hat, y_real_hat)}[which]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Baselines: feature-space DA (DANN) and pixel-space DA, in their simplest form (Tables 1-3 in miniature)
+# ----------------------------------------------------------------------------------------------------------
+# NOTE(simplification): the paper retrains published DANN / PixelDA models; these are the smallest versions
+# of the two ideas that share G, the data, the one Adam optimiser, the step budget and the weight ramp
+# alpha(step) with DA, so the comparison isolates WHERE the domains are aligned (features, pixels, noise).
+# Both play their minimax game through a gradient-reversal layer, so they fit the same one-backward loop:
+# the critic minimises its classification loss while G, receiving the reversed gradient, maximises it.
+class GradReverse(torch.autograd.Function):
+    """Identity on the way forward; multiplies the gradient by -lam on the way back (Ganin & Lempitsky)."""
+
+    @staticmethod
+    def forward(ctx, x, lam):
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.lam * grad, None
+
+
+def make_critic(cfg):
+    """The adversary of an ADVERSARIAL method (None for the others), sized from the restorer's width.
+    dann:     domain classifier on G's bottleneck features (B, C, h, w) -> per-location logits (B, 1, h, w),
+              "is this location from a synthetic input?"
+    pixel_da: PatchGAN-style discriminator on images (B, 3, p, p) -> per-patch logits (B, 1, p/4, p/4),
+              "is this patch a clean image?" (each logit sees an 18 px window: enough for noise texture)"""
+    act = nn.LeakyReLU(0.2)
+    if cfg.method == "dann":
+        c = cfg.r_width * 2 ** (cfg.r_depth - 1)                                    # bottleneck channels
+        return nn.Sequential(conv3(c, c), act, nn.Conv2d(c, 1, 1))
+    if cfg.method == "pixel_da":
+        w = cfg.r_width
+        return nn.Sequential(nn.Conv2d(3, w, 4, 2, 1), act, nn.Conv2d(w, 2 * w, 4, 2, 1), act, conv3(2 * w, 1))
+    return None
+
+
+def bce_logits(logits, label):
+    """Binary cross-entropy of logits against a constant label (0. or 1.)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), label))
+
+
+def adversarial_loss(method, G, critic, x_syn, y_syn, x_real, lam):
+    """L_Res + the critic's loss, with the critic's input passed through gradient reversal (weight lam).
+    dann:     the critic tells synthetic (label 1) from real (label 0) bottleneck features of G; reversed,
+              this makes G's features domain-invariant (feature-space DA).
+    pixel_da: the critic tells clean synthetic targets y_syn (label 1) from restored real outputs
+              y_real_hat (label 0); reversed, this makes restored real images look clean (pixel-space DA;
+              NOTE(simplification): no image-to-image translation network as in PixelDA / CycleGAN, the
+              restorer itself is the generator, as in output-space adaptation).
+    Returns (loss, parts)."""
+    B = x_syn.shape[0]
+    if method == "dann":
+        r, feats = G(torch.cat([x_syn, x_real]), return_features=True)             # (2B, 3, p, p), (2B, C, h, w)
+        # the critic sees layer-normalised features: otherwise G "wins" the game by inflating their scale
+        # without bound (G has no normalisation layers) and training diverges
+        feats = F.layer_norm(feats.float(), feats.shape[1:])
+        logits = critic(GradReverse.apply(feats, lam))                              # (2B, 1, h, w)
+        adv = (bce_logits(logits[:B], 1.0) + bce_logits(logits[B:], 0.0)) / 2
+        r_syn = r[:B].float()
+    else:
+        r_syn, r_real = G(torch.cat([x_syn, x_real])).float().chunk(2)              # residuals R_syn, R_real
+        y_real_hat = x_real + r_real
+        adv = (bce_logits(critic(y_syn), 1.0) + bce_logits(critic(GradReverse.apply(y_real_hat, lam)), 0.0)) / 2
+    loss_res = charbonnier(x_syn + r_syn, y_syn)                                    # L_Res on synthetic pairs
+    return loss_res + adv, {"loss_res": loss_res.detach(), "loss_adv": adv.detach(), "alpha": lam}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training: Algorithm A (DA), B (Ours-Ex), vanilla and oracle in one explicit loop
 # ----------------------------------------------------------------------------------------------------------
@@ -1088,10 +1175,11 @@ class TrainState:
     G_ema: RestorerUNet               # its exponential moving average (used for evaluation and restore)
     D: ConditionalDenoiser            # eps_theta (unused by vanilla and oracle; thrown away after training)
     schedule: NoiseSchedule
-    opt: torch.optim.Optimizer        # ONE Adam over G and eps_theta
+    opt: torch.optim.Optimizer        # ONE Adam over G and eps_theta (and the critic, if any)
     step: int = 0
     history: dict = field(default_factory=dict)
     scaler: object = None             # torch.amp.GradScaler for fp16 on CUDA, else None (fp32 and bf16)
+    critic: nn.Module = None          # the adversary of the ADVERSARIAL baselines (None for the other methods)
 
 
 def init_state(cfg, device, fast=True):
@@ -1103,8 +1191,11 @@ def init_state(cfg, device, fast=True):
     switches, _ = fast_path(device)
     if fast and switches["channels_last"]:                                          # faster convs on tensor cores
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    critic = make_critic(cfg)
+    critic = critic.to(device) if critic is not None else None
     uses_diffusion = METHODS[cfg.method][0]
     params = list(G.parameters()) + (list(D.parameters()) if uses_diffusion else [])
+    params += list(critic.parameters()) if critic is not None else []
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=fast and switches["fused_adam"])
     # fp16 has a narrow exponent range: scale the loss up so small gradients do not flush to zero
     _, needs_scaler = pick_precision(cfg.precision, device)
@@ -1112,7 +1203,8 @@ def init_state(cfg, device, fast=True):
     hist = {"step": [], "loss_res": [], "loss_dif": [], "alpha": [], "hinge": [],
             "eval_step": [], "syn_psnr": [], "real_psnr": [], "diag_cos": []}
     return TrainState(cfg, G, copy.deepcopy(G).requires_grad_(False), D,
-                      NoiseSchedule(cfg.T, cfg.beta_start, cfg.beta_end).to(device), opt, 0, hist, scaler)
+                      NoiseSchedule(cfg.T, cfg.beta_start, cfg.beta_end).to(device), opt, 0, hist,
+                      scaler=scaler, critic=critic)
 
 
 @torch.no_grad()
@@ -1126,7 +1218,7 @@ def train_step(state, data, gmodels=None):
     detached loss tensors (no host synchronisation here: .item() happens only when logging)."""
     cfg, s = state.cfg, state
     G, D = gmodels or (s.G, s.D)                                                    # possibly compiled copies
-    uses_diffusion, shuffle, contrast, dif_input = METHODS[cfg.method]
+    uses_diffusion, shuffle, contrast, dif_input, conditions = METHODS[cfg.method]
     device = next(s.G.parameters()).device
     amp_dtype, _ = pick_precision(cfg.precision, device)
     # line 1: sample a synthetic pair and, independently, an unpaired real image
@@ -1135,7 +1227,10 @@ def train_step(state, data, gmodels=None):
     else:
         x_syn, y_syn = syn_batch(data, cfg)                                         # (B, 3, p, p) each
     with autocast(device, amp_dtype):
-        if not uses_diffusion:
+        if cfg.method in ADVERSARIAL:                                               # the simplified baselines
+            lam = alpha_ramp(s.step, cfg.ramp_frac * cfg.steps, cfg.alpha_max)     # same ramp as DA's alpha
+            loss, parts = adversarial_loss(cfg.method, G, s.critic, x_syn, y_syn, real_batch(data, cfg), lam)
+        elif not uses_diffusion:
             y_syn_hat = x_syn + G(x_syn)
             loss_res = charbonnier(y_syn_hat.float(), y_syn)                        # L_Res
             loss, parts = loss_res, {"loss_res": loss_res.detach()}
@@ -1150,7 +1245,8 @@ def train_step(state, data, gmodels=None):
             # line 4: residual-swapped negatives (RS), if enabled
             neg = residual_swap(x_syn, r_syn, x_real, r_real) if contrast else None
             # lines 5-6: noise, shuffle the condition slots (CS), predict the noise, Eq. (1) and (3)
-            loss_dif, dparts = diffusion_loss(D, s.schedule, y0, y_syn_hat, y_real_hat, neg, shuffle,
+            c_a, c_b = condition_pair(conditions, y_syn_hat, y_real_hat)            # (y_syn_hat, y_real_hat) for DA
+            loss_dif, dparts = diffusion_loss(D, s.schedule, y0, c_a, c_b, neg, shuffle,
                                               cfg.margin, (cfg.t_min, cfg.t_max))
             alpha = alpha_ramp(s.step, cfg.ramp_frac * cfg.steps, cfg.alpha_max)
             # line 7: the total loss, one backward through G and eps_theta (nothing detached)
@@ -1178,7 +1274,7 @@ def mechanism_diagnostic(state, x_syn, y_syn, x_real, y_real, gamma=None, draws=
     through the RS negatives is included). Positive: the loss moves real outputs toward clean.
     Only possible on built-in data, where the real-like clean images are known."""
     cfg, G, D = state.cfg, state.G, state.D
-    _, shuffle, contrast, _ = METHODS[cfg.method]
+    _, shuffle, contrast, _, conditions = METHODS[cfg.method]
     was_training = D.training
     D.eval()
     with torch.no_grad():
@@ -1188,19 +1284,22 @@ def mechanism_diagnostic(state, x_syn, y_syn, x_real, y_real, gamma=None, draws=
         r = r_real.clone().requires_grad_(True)
         neg = residual_swap(x_syn, r_syn, x_real, r) if contrast else None
         g = None if gamma is None else gamma.expand(x_syn.shape[0])
-        loss, _ = diffusion_loss(D, state.schedule, y_syn, x_syn + r_syn, x_real + r, neg, shuffle,
+        c_a, c_b = condition_pair(conditions, x_syn + r_syn, x_real + r)
+        loss, _ = diffusion_loss(D, state.schedule, y_syn, c_a, c_b, neg, shuffle,
                                  cfg.margin, (cfg.t_min, cfg.t_max), gamma=g)
-        (grad,) = torch.autograd.grad(loss, r)
+        (grad,) = torch.autograd.grad(loss, r, allow_unused=True)
+        grad = torch.zeros_like(r) if grad is None else grad                        # "only_syn": R_real unused
         to_clean = (y_real - (x_real + r_real)).flatten(1)                          # (B, 3*H*W)
         cos.append(F.cosine_similarity(-grad.flatten(1), to_clean, dim=1).mean())
     D.train(was_training)
     return torch.stack(cos).mean().item()
 
 
-def train(cfg, data=None, out=None, resume=False, log=print):
+def train(cfg, data=None, out=None, resume=False, log=print, on_eval=None):
     """Train one method (cfg.method) and return its TrainState (with .history).
-    out:    directory for checkpoint.pt and history.json (written atomically), or None
-    resume: continue from out/checkpoint.pt if it exists"""
+    out:     directory for checkpoint.pt and history.json (written atomically), or None
+    resume:  continue from out/checkpoint.pt if it exists
+    on_eval: optional on_eval(state), called after each evaluation (e.g. to keep sample restorations)"""
     cfg.validate()
     device = pick_device(cfg.device)
     data = make_data(cfg, device) if data is None else data.to(device)
@@ -1247,6 +1346,8 @@ def train(cfg, data=None, out=None, resume=False, log=print):
             h["diag_cos"].append(cos)
             log(f"[{cfg.method}] eval @ {step + 1}: synthetic PSNR {m['syn_psnr']:.2f} dB, "
                 f"real-like PSNR {m['real_psnr']:.2f} dB" + ("" if math.isnan(cos) else f", diagnostic cos {cos:+.3f}"))
+            if on_eval:
+                on_eval(state)
             if ckpt:
                 save_checkpoint(ckpt, state)
                 atomic_write_text(os.path.join(out, "history.json"), json.dumps(h, indent=1))
@@ -1278,7 +1379,8 @@ def save_checkpoint(path, state):
             "step": state.step, "history": state.history,
             "restorer": raw_module(state.G).state_dict(), "restorer_ema": raw_module(state.G_ema).state_dict(),
             "denoiser": raw_module(state.D).state_dict(), "optimizer": state.opt.state_dict(),
-            "rng_cpu": torch.get_rng_state()}
+            "rng_cpu": torch.get_rng_state(),
+            **({"critic": state.critic.state_dict()} if state.critic is not None else {})}
     if state.scaler is not None:                                                    # fp16: floats and ints only
         blob["scaler"] = state.scaler.state_dict()
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -1311,6 +1413,8 @@ def load_checkpoint(path, state):
     raw_module(state.G).load_state_dict(blob["restorer"])
     raw_module(state.G_ema).load_state_dict(blob["restorer_ema"])
     raw_module(state.D).load_state_dict(blob["denoiser"])
+    if state.critic is not None:
+        state.critic.load_state_dict(blob["critic"])
     state.opt.load_state_dict(blob["optimizer"])
     if state.scaler is not None and blob.get("scaler"):                            # resume the fp16 loss scale
         state.scaler.load_state_dict(blob["scaler"])
@@ -1526,10 +1630,17 @@ def demo(cfg, out="runs/demo", log=print):
 EXPERIMENTS = {}
 
 
-def experiment(fn):
-    """Register fn as `python dada_min.py --experiment NAME` (NAME = fn's name without 'exp_')."""
-    EXPERIMENTS[fn.__name__.removeprefix("exp_")] = fn
-    return fn
+def experiment(fn=None, *, size=None, quick=None):
+    """Register fn as `python dada_min.py --experiment NAME` (NAME = fn's name without 'exp_').
+    size:  config fields its default run changes from the cpu-demo preset so that it finishes in <= 10 min
+           on 2 CPU cores (used only with the cpu-demo preset; --field flags still win)
+    quick: config fields its --quick run changes from the tiny preset (seconds; used by the tests)
+    Use as @experiment or @experiment(size=..., quick=...)."""
+    def register(f):
+        f.size, f.quick = dict(size or {}), dict(quick or {})
+        EXPERIMENTS[f.__name__.removeprefix("exp_")] = f
+        return f
+    return register(fn) if fn is not None else register
 
 
 NOISE_LEVELS = (0.95, 0.7, 0.3, 0.05)   # gamma = alphas_cumprod values at which the diagnostic is read
@@ -1816,6 +1927,387 @@ def bench(cfg, batches=None, size=None, steps=20, warmup=None, label=None, log=p
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Experiments: the paper's evidence in miniature (Tables 1-4, Fig. 1a, Fig. 2), one command each
+# ----------------------------------------------------------------------------------------------------------
+# Every experiment trains with fixed seeds cfg.seed + i (a new seed also means new built-in data), reports
+# mean and sample standard deviation over the seeds, writes out/NAME.json and PNG figures, and prints a
+# table and its runtime (wall clock and CPU seconds of this process).
+def exp_seeds(cfg, quick, n=3):
+    """The seeds an experiment averages over: n of them, or 1 with --quick."""
+    return [cfg.seed + i for i in range(1 if quick else n)]
+
+
+def mean_std(values):
+    """{"mean", "std" (sample std; None for a single value), "values"} of a list of floats."""
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else None,
+            "values": [float(v) for v in a]}
+
+
+def fmt(ms, digits=2):
+    """'mean ± std' of a mean_std dict ('± n/a' for a single seed)."""
+    std = "n/a" if ms["std"] is None else f"{ms['std']:.{digits}f}"
+    return f"{ms['mean']:.{digits}f} ± {std}"
+
+
+def identity_metrics(data):
+    """Metrics of doing nothing (the degraded input itself), the floor every method should beat."""
+    syn_in = data.test_syn_noisy.clamp(0, 1)
+    return {"syn_psnr": psnr(syn_in, data.test_syn_clean).mean().item(),
+            "syn_ssim": ssim(syn_in, data.test_syn_clean).mean().item(),
+            "real_psnr": psnr(data.test_real_noisy, data.test_real_clean).mean().item(),
+            "real_ssim": ssim(data.test_real_noisy, data.test_real_clean).mean().item()}
+
+
+def summarize(runs, base=None):
+    """Per-seed metric dicts -> mean_std per metric; with `base` (the same seeds' vanilla runs) also the
+    paired per-seed gain in real-like PSNR, whose spread is smaller than that of the PSNR itself."""
+    keys = ("syn_psnr", "syn_ssim", "real_psnr", "real_ssim")
+    s = {k: mean_std([r[k] for r in runs]) for k in keys}
+    if base is not None:
+        s["real_gain_db"] = mean_std([r["real_psnr"] - b["real_psnr"] for r, b in zip(runs, base)])
+    return s
+
+
+def seed_log(log, seed):
+    return lambda msg: log(f"  seed {seed} {msg}")
+
+
+def finish(name, out, results, t0, c0, log):
+    """Stamp the runtime, write out/NAME.json atomically and print the runtime."""
+    results["wall_seconds"], results["cpu_seconds"] = time.time() - t0, time.process_time() - c0
+    atomic_write_text(os.path.join(out, f"{name}.json"), json.dumps(results, indent=1))
+    log(f"\nwrote {out}/{name}.json; runtime {results['wall_seconds']:.0f} s wall, "
+        f"{results['cpu_seconds']:.0f} s CPU ({torch.get_num_threads()} threads)")
+    return results
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def bar_figure(path, labels, groups, ylabel, title, hline=None):
+    """Grouped bars with error bars. groups: {group name: [mean_std per label]}."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(labels), 3.6))
+    width = 0.8 / len(groups)
+    for i, (g, vals) in enumerate(groups.items()):
+        xs = np.arange(len(labels)) + (i - (len(groups) - 1) / 2) * width
+        ax.bar(xs, [v["mean"] for v in vals], width, yerr=[v["std"] or 0 for v in vals], capsize=3, label=g)
+    if hline is not None:
+        ax.axhline(hline, color="k", ls="--", lw=1, label="real-like input (no restoration)")
+    lo = min(v["mean"] - (v["std"] or 0) for vals in groups.values() for v in vals)
+    ax.set_ylim(min(lo, hline if hline is not None else lo) - 1, None)
+    ax.set_xticks(np.arange(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel), ax.set_title(title, fontsize=9), ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@experiment(size=dict(steps=500, batch_size=8, eval_every=0, log_every=250),
+            quick=dict(steps=8, eval_every=0, log_every=8))
+def exp_compare(cfg, out, quick, log=print):
+    """Tables 1-3 in miniature: vanilla, feature-space DA (DANN), pixel-space DA, DA (ours) and the
+    oracle on cfg.task's built-in real-like domain (cfg.real_noise). All share G, the data, the Adam
+    optimiser, the step budget and the alpha ramp. Writes out/compare.json, out/compare.png (PSNR per
+    method) and out/compare_samples.png (restorations of real-like test images, first seed)."""
+    t0, c0 = time.time(), time.process_time()
+    os.makedirs(out, exist_ok=True)
+    device = pick_device(cfg.device)
+    methods = ("vanilla", "dann", "pixel_da", "da", "oracle")
+    runs, ident, models = {m: [] for m in methods}, [], {}
+    seeds = exp_seeds(cfg, quick)
+    for seed in seeds:
+        c = dataclasses.replace(cfg, seed=seed)
+        data = make_data(c, device)
+        ident.append(identity_metrics(data))
+        for m in methods:
+            state = train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
+            runs[m].append(evaluate_pools(state.G_ema, data))
+            if seed == seeds[0]:
+                models[m], sample_data = state.G_ema, data
+    summary = {m: summarize(runs[m], runs["vanilla"]) for m in methods}
+    real = {m: summary[m]["real_psnr"]["mean"] for m in methods}
+    results = {"experiment": "compare", "task": cfg.task, "real_noise": cfg.real_noise, "seeds": seeds,
+               "config": dataclasses.asdict(cfg), "identity": summarize(ident), "methods": summary,
+               # the paper's qualitative claims (Table 1), checked on the mean real-like PSNR
+               "claims": {"da_beats_vanilla": real["da"] > real["vanilla"],
+                          "da_beats_dann": real["da"] > real["dann"],
+                          "da_beats_pixel_da": real["da"] > real["pixel_da"],
+                          "dann_beats_vanilla": real["dann"] > real["vanilla"],
+                          "pixel_da_beats_vanilla": real["pixel_da"] > real["vanilla"]}}
+    lines = [f"compare ({cfg.task}, real-like domain {cfg.real_noise}; mean ± std over seeds {seeds})",
+             f"{'method':10s} {'syn PSNR':>14s} {'real PSNR':>14s} {'real SSIM':>16s} {'real gain (dB)':>15s}",
+             f"{'input':10s} {fmt(results['identity']['syn_psnr']):>14s} {fmt(results['identity']['real_psnr']):>14s}"
+             f" {fmt(results['identity']['real_ssim'], 4):>16s}"]
+    for m in methods:
+        s = summary[m]
+        lines.append(f"{m:10s} {fmt(s['syn_psnr']):>14s} {fmt(s['real_psnr']):>14s} {fmt(s['real_ssim'], 4):>16s}"
+                     f" {fmt(s['real_gain_db']):>15s}")
+    log("\n" + "\n".join(lines))
+    bar_figure(os.path.join(out, "compare.png"), list(methods),
+               {"synthetic test": [summary[m]["syn_psnr"] for m in methods],
+                "real-like test": [summary[m]["real_psnr"] for m in methods]},
+               "PSNR (dB)", f"{cfg.task}: mean ± std over {len(seeds)} seed(s)",
+               hline=results["identity"]["real_psnr"]["mean"])
+    save_comparison_figure(os.path.join(out, "compare_samples.png"), sample_data, models)
+    return finish("compare", out, results, t0, c0, log)
+
+
+# Table 4's rows: (label, method, t range or None for cfg's, in the paper's table?)
+ABLATION_ROWS = [
+    ("(a) vanilla", "vanilla", None),
+    ("(b) t in [1,100]", "naive", (1, 100)),
+    ("(c) t in [900,999]", "naive", (900, 999)),   # the paper's [900,1000]: t = 1000 has no alphas_cumprod[t]
+    ("(d) full t", "naive", None),
+    ("(e) + CS", "no_contrast", None),
+    ("(f) + CS + RS (ours)", "da", None),
+    ("only syn", "only_syn", None),
+    ("only real", "only_real", None),
+]
+
+
+@experiment(size=dict(steps=300, batch_size=8, eval_every=0, log_every=150),
+            quick=dict(steps=6, eval_every=0, log_every=6))
+def exp_ablation(cfg, out, quick, log=print):
+    """Table 4 in miniature: the noise-sampling range of t, channel shuffle (CS), residual-swapping
+    contrastive learning (RS), and only-synthetic / only-real conditions (our reading of those two
+    rows: see METHODS). Writes out/ablation.json and out/ablation.png."""
+    t0, c0 = time.time(), time.process_time()
+    os.makedirs(out, exist_ok=True)
+    device = pick_device(cfg.device)
+    seeds = exp_seeds(cfg, quick, n=2)   # 8 trainings per seed: two seeds fit the 10-minute CPU budget
+    runs = {label: [] for label, _, _ in ABLATION_ROWS}
+    for seed in seeds:
+        c = dataclasses.replace(cfg, seed=seed)
+        data = make_data(c, device)
+        for label, method, t_range in ABLATION_ROWS:
+            t_min, t_max = t_range or (c.t_min, c.t_max)
+            state = train(dataclasses.replace(c, method=method, t_min=t_min, t_max=t_max), data,
+                          log=seed_log(log, seed))
+            runs[label].append(evaluate_pools(state.G_ema, data))
+    base = runs[ABLATION_ROWS[0][0]]
+    rows = []
+    for label, method, t_range in ABLATION_ROWS:
+        uses_dif, cs, rs, _, conds = METHODS[method]
+        rows.append({"label": label, "method": method, "t_range": list(t_range or (cfg.t_min, cfg.t_max)),
+                     "diffusion": uses_dif, "cs": cs, "rs": rs, "conditions": conds,
+                     **summarize(runs[label], base)})
+    real = {r["label"][:3]: r["real_psnr"]["mean"] for r in rows}
+    named = {r["method"]: r["real_psnr"]["mean"] for r in rows if r["t_range"] == [cfg.t_min, cfg.t_max]}
+    results = {"experiment": "ablation", "task": cfg.task, "real_noise": cfg.real_noise, "seeds": seeds,
+               "config": dataclasses.asdict(cfg), "rows": rows,
+               # the paper's qualitative claims (Table 4), checked on the mean real-like PSNR
+               "claims": {"b_below_vanilla": real["(b)"] < real["(a)"],
+                          "c_below_d": real["(c)"] < real["(d)"],
+                          "d_beats_vanilla": real["(d)"] > real["(a)"],
+                          "cs_helps_e_beats_d": real["(e)"] > real["(d)"],
+                          "rs_helps_f_beats_e": real["(f)"] > real["(e)"],
+                          "only_syn_below_f": named["only_syn"] < named["da"],
+                          "only_real_below_f": named["only_real"] < named["da"]}}
+    lines = [f"ablation ({cfg.task}, {cfg.real_noise}; mean ± std over seeds {seeds})",
+             f"{'row':22s} {'syn PSNR':>14s} {'real PSNR':>14s} {'real SSIM':>16s} {'gain vs (a)':>14s}"]
+    for r in rows:
+        lines.append(f"{r['label']:22s} {fmt(r['syn_psnr']):>14s} {fmt(r['real_psnr']):>14s} "
+                     f"{fmt(r['real_ssim'], 4):>16s} {fmt(r['real_gain_db']):>14s}")
+    log("\n" + "\n".join(lines))
+    bar_figure(os.path.join(out, "ablation.png"), [r["label"] for r in rows],
+               {"real-like test": [r["real_psnr"] for r in rows]}, "PSNR (dB)",
+               f"Table 4 in miniature ({cfg.task}): mean ± std over {len(seeds)} seed(s)")
+    return finish("ablation", out, results, t0, c0, log)
+
+
+SIGMAS = tuple(range(0, 81, 10))                   # Fig. 1a: AWGN level of the condition, in /255 units
+
+
+@torch.no_grad()
+def condition_errors(D, schedule, y, cfg, draws=8, seed=1234):
+    """Fig. 1a's measurement: the mean noise-prediction error MSE(eps, eps_theta(cat[y_t, c], gamma)) for a
+    condition c = y + sigma/255 * z at each sigma in SIGMAS. y: (N, 3, p, p) clean test images. The same
+    `draws` fixed draws of (gamma, eps, z) are used at every sigma, so only the condition's quality changes."""
+    torch.manual_seed(seed)
+    errs = torch.zeros(len(SIGMAS))
+    for _ in range(draws):
+        gamma = schedule.sample_gamma(y.shape[0], cfg.t_min, cfg.t_max)             # (N,)
+        eps, z = torch.randn_like(y), torch.randn_like(y)
+        y_t = schedule.q_sample(y, gamma, eps)
+        for i, sigma in enumerate(SIGMAS):
+            eps_hat = D(torch.cat([y_t, y + sigma / 255 * z], 1), gamma).float()    # input (N, 6, p, p)
+            errs[i] += F.mse_loss(eps_hat, eps).item() / draws
+    return errs.tolist()
+
+
+@experiment(size=dict(steps=1000, eval_every=0, log_every=250),
+            quick=dict(steps=10, eval_every=0, log_every=5))
+def exp_condition(cfg, out, quick, log=print):
+    """Fig. 1a in miniature: does the noise-prediction error grow as the condition gets worse?
+    Protocol (the paper leaves it open, PAPER.md §12.1): a ConditionalDenoiser with in_ch=6 takes
+    cat[y_t, c], where y_t is the noised clean image and c the SAME clean image plus AWGN of level sigma.
+    It is trained alone (no restorer) for cfg.steps Adam steps on clean synthetic crops, with sigma drawn
+    per sample from U[0, 80]/255 so every tested condition level is in distribution, and t from the full
+    range [cfg.t_min, cfg.t_max]. Then the error on the clean synthetic test images is measured at
+    sigma = 0, 10, ..., 80 with fixed (gamma, eps, condition-noise) draws. Writes out/condition.json and
+    out/condition.png."""
+    t0, c0 = time.time(), time.process_time()
+    os.makedirs(out, exist_ok=True)
+    device = pick_device(cfg.device)
+    seeds = exp_seeds(cfg, quick)
+    per_seed = []
+    for seed in seeds:
+        c = dataclasses.replace(cfg, seed=seed)
+        data = make_data(c, device)
+        torch.manual_seed(seed)
+        # NOTE(simplification): one condition slot (in_ch=6) instead of the method's two; Fig. 1a is about
+        # how the error depends on ONE condition's quality.
+        D = ConditionalDenoiser(c.d_width, tuple(c.d_mults), c.d_res_blocks, c.d_attn, c.d_dropout, in_ch=6)
+        D = D.to(device)
+        schedule = NoiseSchedule(c.T, c.beta_start, c.beta_end).to(device)
+        opt = torch.optim.Adam(D.parameters(), lr=c.lr)
+        for step in range(c.steps):
+            y = random_crops(data.syn_clean, c.batch_size, c.patch_size)              # (B, 3, p, p)
+            sigma = torch.rand(y.shape[0], 1, 1, 1, device=device) * 80 / 255        # per-sample condition level
+            cond = y + sigma * torch.randn_like(y)
+            gamma = schedule.sample_gamma(y.shape[0], c.t_min, c.t_max)
+            eps = torch.randn_like(y)
+            eps_hat = D(torch.cat([schedule.q_sample(y, gamma, eps), cond], 1), gamma).float()
+            loss = F.mse_loss(eps_hat, eps)                                           # Eq. (1) with one condition
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (step + 1) % c.log_every == 0 or step + 1 == c.steps:
+                log(f"  seed {seed} [condition] step {step + 1}/{c.steps} mse {loss.item():.4g}")
+        D.eval()
+        p = c.patch_size
+        per_seed.append(condition_errors(D, schedule, data.test_syn_clean[..., :p, :p], c))
+    errs = [mean_std([e[i] for e in per_seed]) for i in range(len(SIGMAS))]
+    means = [e["mean"] for e in errs]
+    results = {"experiment": "condition", "seeds": seeds, "config": dataclasses.asdict(cfg),
+               "sigmas": list(SIGMAS), "error": errs,
+               "ratio_80_to_0": means[-1] / means[0],
+               # Fig. 1a's claim: the error rises monotonically with the condition's noise level
+               "claims": {"monotone_increasing": all(b > a for a, b in zip(means, means[1:])),
+                          "monotone_in_every_seed": all(all(b > a for a, b in zip(e, e[1:])) for e in per_seed),
+                          "error_at_80_above_0": means[-1] > means[0]}}
+    scale = 10 ** math.floor(math.log10(max(means)))
+    lines = [f"condition (Fig. 1a): noise-prediction error vs the condition's AWGN level, seeds {seeds}",
+             "sigma  " + " ".join(f"{s:>11d}" for s in SIGMAS),
+             f"x{scale:.0e}  " + " ".join(f"{e['mean'] / scale:>5.2f}±{(e['std'] or 0) / scale:<5.2f}" for e in errs),
+             f"error at sigma 80 / error at sigma 0 = {results['ratio_80_to_0']:.2f} (paper, read off Fig. 1a: ~1.32)"]
+    log("\n" + "\n".join(lines))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.bar([str(s) for s in SIGMAS], [m / scale for m in means], yerr=[(e["std"] or 0) / scale for e in errs],
+           capsize=3, color="tab:blue")
+    ax.set_xlabel("AWGN level sigma of the condition (/255)")
+    ax.set_ylabel(f"noise-prediction error (x{scale:.0e})")
+    ax.set_title(f"Fig. 1a in miniature: mean ± std over {len(seeds)} seed(s)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "condition.png"), dpi=100)
+    plt.close(fig)
+    return finish("condition", out, results, t0, c0, log)
+
+
+@experiment(size=dict(steps=800, batch_size=8, eval_every=80, log_every=400),
+            quick=dict(steps=8, eval_every=2, log_every=8))
+def exp_shortcut(cfg, out, quick, log=print):
+    """Fig. 2 in miniature: synthetic and real-like PSNR over training for naive joint training (no CS,
+    no RS) and for DA (both tricks), with restorations of one synthetic and one real-like test image at
+    several steps. The paper's shortcut signature is a real-like curve that rises, peaks and falls while
+    the synthetic one keeps rising. Writes out/shortcut.json, out/shortcut.png (curves) and
+    out/shortcut_samples.png (images, first seed)."""
+    t0, c0 = time.time(), time.process_time()
+    os.makedirs(out, exist_ok=True)
+    device = pick_device(cfg.device)
+    seeds = exp_seeds(cfg, quick, n=2)   # two long-enough curves fit the 10-minute CPU budget better than three short
+    methods = ("naive", "da")
+    curves, samples = {m: [] for m in methods}, {m: [] for m in methods}
+    for seed in seeds:
+        c = dataclasses.replace(cfg, seed=seed)
+        data = make_data(c, device)
+        x_show = torch.cat([data.test_syn_noisy[:1], data.test_real_noisy[:1]])       # (2, 3, H, W)
+        for m in methods:
+            keep = samples[m] if seed == seeds[0] else None
+
+            def on_eval(state, keep=keep):                                            # restorations at this step
+                if keep is not None:
+                    keep.append((state.step, restore(state.G_ema.eval(), x_show).cpu()))
+            state = train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed), on_eval=on_eval)
+            h = state.history
+            curves[m].append({"step": h["eval_step"], "syn_psnr": h["syn_psnr"], "real_psnr": h["real_psnr"]})
+        if seed == seeds[0]:
+            shown = (data.test_syn_clean[:1], data.test_real_clean[:1], x_show)
+    steps = curves[methods[0]][0]["step"]
+    summary = {}
+    for m in methods:
+        real = np.array([cv["real_psnr"] for cv in curves[m]])                        # (seeds, evals)
+        syn = np.array([cv["syn_psnr"] for cv in curves[m]])
+        summary[m] = {"syn_psnr": [mean_std(col) for col in syn.T], "real_psnr": [mean_std(col) for col in real.T],
+                      # the shortcut signature per seed: how far the real-like PSNR fell after its peak
+                      "real_peak_step": mean_std([steps[i] for i in real.argmax(1)]),
+                      "real_drop_from_peak_db": mean_std(real.max(1) - real[:, -1]),
+                      "syn_drop_from_peak_db": mean_std(syn.max(1) - syn[:, -1]),
+                      "final_real_psnr": mean_std(real[:, -1]), "final_syn_psnr": mean_std(syn[:, -1])}
+    results = {"experiment": "shortcut", "task": cfg.task, "real_noise": cfg.real_noise, "seeds": seeds,
+               "config": dataclasses.asdict(cfg), "steps": steps, "methods": summary, "per_seed": curves,
+               # Fig. 2's claims: naive training's real-like PSNR falls after a peak (> 0.1 dB, mean over
+               # seeds) while DA's does not fall as much, and DA ends higher on real-like data
+               "claims": {"naive_real_falls_after_peak": summary["naive"]["real_drop_from_peak_db"]["mean"] > 0.1,
+                          "da_falls_less_than_naive": summary["da"]["real_drop_from_peak_db"]["mean"]
+                          < summary["naive"]["real_drop_from_peak_db"]["mean"],
+                          "da_ends_higher_on_real": summary["da"]["final_real_psnr"]["mean"]
+                          > summary["naive"]["final_real_psnr"]["mean"]}}
+    lines = [f"shortcut (Fig. 2; {cfg.task}, {cfg.real_noise}; mean over seeds {seeds})",
+             f"{'step':>6s} " + " ".join(f"{m + ' syn':>10s} {m + ' real':>10s}" for m in methods)]
+    for i, st in enumerate(steps):
+        lines.append(f"{st:6d} " + " ".join(f"{summary[m]['syn_psnr'][i]['mean']:10.2f} "
+                                            f"{summary[m]['real_psnr'][i]['mean']:10.2f}" for m in methods))
+    for m in methods:
+        lines.append(f"{m}: real-like PSNR peak at step {fmt(summary[m]['real_peak_step'], 0)}, "
+                     f"drop from peak to end {fmt(summary[m]['real_drop_from_peak_db'])} dB")
+    log("\n" + "\n".join(lines))
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, title in zip(axes, ("syn_psnr", "real_psnr"), ("synthetic test", "real-like test")):
+        for m in methods:
+            mu = np.array([v["mean"] for v in summary[m][key]])
+            sd = np.array([v["std"] or 0 for v in summary[m][key]])
+            ax.plot(steps, mu, marker="o", ms=3, label="naive joint training" if m == "naive" else "DA (CS + RS)")
+            ax.fill_between(steps, mu - sd, mu + sd, alpha=0.2)
+        ax.set_xlabel("training step"), ax.set_ylabel("PSNR (dB)"), ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Fig. 2 in miniature: mean ± std over {len(seeds)} seed(s)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "shortcut.png"), dpi=100)
+    plt.close(fig)
+    # images: rows (method x domain), columns: input, up to 5 evaluation steps, ground truth
+    y_syn, y_real, x_show = shown
+    idx = np.unique(np.linspace(0, len(samples[methods[0]]) - 1, min(5, len(samples[methods[0]]))).round().astype(int))
+    fig, axes = plt.subplots(4, len(idx) + 2, figsize=(1.9 * (len(idx) + 2), 8), squeeze=False)
+    for r, (m, d) in enumerate([(m, d) for m in methods for d in (0, 1)]):
+        gt = (y_syn, y_real)[d]
+        cols = [("input", x_show[d:d + 1].cpu())] + [(f"step {samples[m][i][0]}", samples[m][i][1][d:d + 1])
+                                                     for i in idx] + [("ground truth", gt.cpu())]
+        for j, (title, img) in enumerate(cols):
+            ax = axes[r, j]
+            ax.imshow(img[0].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if title != "ground truth":
+                ax.set_xlabel(f"{psnr(img.clamp(0, 1), gt.cpu()).item():.2f} dB", fontsize=7)
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{m}, {('synthetic', 'real-like')[d]}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "shortcut_samples.png"), dpi=100)
+    plt.close(fig)
+    return finish("shortcut", out, results, t0, c0, log)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # CLI: every Config field is a flag (--field value); unknown flags are rejected
 # ----------------------------------------------------------------------------------------------------------
 def _parse_value(f, text):
@@ -1870,9 +2362,10 @@ def build_parser():
     return p
 
 
-def parse_config(args):
+def parse_config(args, preset=None, base=None):
+    """The preset (args.preset unless given), then the `base` fields, then the --field flags."""
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    return make_config(args.preset, **overrides)
+    return make_config(preset or args.preset, **{**(base or {}), **overrides})
 
 
 # command -> (the flags it requires, the command-only flags it accepts); no command accepts none of them
@@ -1941,13 +2434,21 @@ def main(argv=None):
                  if difflib.get_close_matches(u.split("=")[0], opts, 2) else u for u in unknown]
         parser.error("unknown argument(s): " + "; ".join(hints) + ". Run with --help for the list.")
     check_command(parser, args)
+    if args.experiment and args.experiment not in EXPERIMENTS:
+        parser.error(f"unknown experiment {args.experiment!r}; choose one of {sorted(EXPERIMENTS)}")
+    exp = EXPERIMENTS.get(args.experiment)
     try:                                                 # bad files and folders end as one clear error line
         if args.command == "restore":
             restore_files(args.ckpt, args.input, args.output, args.force, args.tile or 512, args.cfg_device or "auto")
             return 0
         if args.command == "evaluate":
             return evaluate_command(args)
-        cfg = parse_config(args)
+        if exp and args.quick:                           # the experiment's seconds-long size, on the tiny preset
+            cfg = parse_config(args, "tiny", exp.quick)
+        elif exp and args.preset == "cpu-demo":          # its default size: <= 10 min on 2 CPU cores
+            cfg = parse_config(args, base=exp.size)
+        else:
+            cfg = parse_config(args)
         if args.command == "train":
             print("config:", json.dumps(dataclasses.asdict(cfg)))
             return train_command(cfg, args)
@@ -1963,10 +2464,8 @@ def main(argv=None):
         except ValueError as e:
             parser.error(str(e))
         return 0
-    if args.experiment:
-        if args.experiment not in EXPERIMENTS:
-            parser.error(f"unknown experiment {args.experiment!r}; choose one of {sorted(EXPERIMENTS)}")
-        EXPERIMENTS[args.experiment](cfg, args.out or f"runs/{args.experiment}", args.quick)
+    if exp:
+        exp(cfg, args.out or f"runs/{args.experiment}", args.quick)
         return 0
     state = train(cfg, out=args.out, resume=args.resume)
     m = evaluate_pools(state.G_ema, make_data(cfg, pick_device(cfg.device)))

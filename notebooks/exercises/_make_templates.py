@@ -392,7 +392,7 @@ Positive means the loss moves real restorations toward clean; near 0 means it do
 during training.
 
 Steps: take `cfg, G, D = state.cfg, state.G, state.D` and the method's switches
-`_, shuffle, contrast, _ = dm.METHODS[cfg.method]`. Put `D` in eval mode (no dropout while measuring) and restore
+`shuffle, contrast = dm.METHODS[cfg.method][1:3]`. Put `D` in eval mode (no dropout while measuring) and restore
 its mode at the end. Compute the residuals once without gradients. Then for each draw: make a fresh leaf copy
 `r = r_real.clone().requires_grad_(True)`, build the negatives from `r` if `contrast`, compute
 `dm.diffusion_loss(D, state.schedule, y_syn, x_syn + r_syn, x_real + r, neg, shuffle, cfg.margin, (cfg.t_min, cfg.t_max), gamma=g)`,

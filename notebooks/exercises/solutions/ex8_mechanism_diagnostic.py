@@ -10,7 +10,7 @@ def mechanism_diagnostic(state, x_syn, y_syn, x_real, y_real, gamma=None, draws=
     diffusion loss of state.cfg.method and R_real = G(x_real). Positive: the loss pushes the restored real
     images toward their clean versions. Leaves no gradients in G or D and D's train/eval mode unchanged."""
     cfg, G, D = state.cfg, state.G, state.D
-    _, shuffle, contrast, _ = dm.METHODS[cfg.method]
+    shuffle, contrast = dm.METHODS[cfg.method][1:3]
     was_training = D.training
     D.eval()                                                            # no dropout while measuring
     with torch.no_grad():
