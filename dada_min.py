@@ -109,13 +109,13 @@ class Config:
     ramp_frac: float = 0.5        # fraction of training over which alpha ramps up (official: 300 epochs)
     margin: float = 0.1           # triplet hinge margin, Eq. (3) (official: 0.1)
     # --- optimisation ---
-    steps: int = 600              # training steps
+    steps: int = 500              # training steps
     batch_size: int = 16          # synthetic pairs per step (and as many real images)
     lr: float = 1e-3              # Adam learning rate, constant, shared by G and eps_theta (paper: 1e-4)
     ema_decay: float = 0.995      # EMA of G's weights; evaluation uses the EMA copy (paper: 0.9999)
     # NOTE(simplification): the official code tracks an EMA but evaluates the raw G; short runs are
     # noisy, so dada-min evaluates (and restores with) the EMA copy.
-    eval_every: int = 150         # evaluate PSNR and the mechanism diagnostic every N steps (0: only at the end)
+    eval_every: int = 125         # evaluate PSNR and the mechanism diagnostic every N steps (0: only at the end)
     log_every: int = 100          # print losses every N steps
 
     def validate(self):
