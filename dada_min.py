@@ -697,10 +697,14 @@ class TrainState:
     history: dict = field(default_factory=dict)
 
 
-def init_state(cfg, device):
-    """Fresh networks and optimiser, seeded by cfg.seed."""
+def init_state(cfg, device, G=None):
+    """Fresh networks and optimiser, seeded by cfg.seed.
+    G: optional restorer to train instead of RestorerUNet: any nn.Module whose forward returns the
+    residual R(x) (same shape as x), with a .depth attribute (restore() pads to 2^(depth-1)) and no
+    batch statistics (train_step restores the synthetic and real batches in one pass)."""
     torch.manual_seed(cfg.seed)
-    G, D = make_networks(cfg)
+    G_default, D = make_networks(cfg)                                               # same eps_theta init either way
+    G = G_default if G is None else G
     G, D = G.to(device), D.to(device)
     if device.type == "cuda":                                                       # faster convs on tensor cores
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
@@ -790,14 +794,16 @@ def mechanism_diagnostic(state, x_syn, y_syn, x_real, y_real, gamma=None, draws=
     return torch.stack(cos).mean().item()
 
 
-def train(cfg, data=None, out=None, resume=False, log=print):
+def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=None):
     """Train one method (cfg.method) and return its TrainState (with .history).
-    out:    directory for checkpoint.pt and history.json (written atomically), or None
-    resume: continue from out/checkpoint.pt if it exists"""
+    out:     directory for checkpoint.pt and history.json (written atomically), or None
+    resume:  continue from out/checkpoint.pt if it exists
+    G:       optional restorer module to use instead of RestorerUNet (see init_state)
+    on_eval: optional function called as on_eval(state) after each evaluation (e.g. to keep snapshots)"""
     cfg.validate()
     device = pick_device(cfg.device)
     data = make_data(cfg, device) if data is None else data.to(device)
-    state = init_state(cfg, device)
+    state = init_state(cfg, device, G=G)
     ckpt = os.path.join(out, "checkpoint.pt") if out else None
     if resume and ckpt and os.path.exists(ckpt):
         load_checkpoint(ckpt, state)
@@ -833,6 +839,8 @@ def train(cfg, data=None, out=None, resume=False, log=print):
             if ckpt:
                 save_checkpoint(ckpt, state)
                 atomic_write_text(os.path.join(out, "history.json"), json.dumps(h, indent=1))
+            if on_eval:
+                on_eval(state)
     return state
 
 
