@@ -1182,11 +1182,15 @@ class TrainState:
     critic: nn.Module = None          # the adversary of the ADVERSARIAL baselines (None for the other methods)
 
 
-def init_state(cfg, device, fast=True):
+def init_state(cfg, device, fast=True, G=None):
     """Fresh networks and optimiser, seeded by cfg.seed. fast=False turns off channels_last and the
-    fused Adam (the plain path the benchmark compares against); the weights are the same either way."""
+    fused Adam (the plain path the benchmark compares against); the weights are the same either way.
+    G: optional restorer to train instead of RestorerUNet: any nn.Module whose forward returns the
+    residual R(x) (same shape as x), with a .depth attribute (restore() pads to 2^(depth-1)) and no
+    batch statistics (train_step restores the synthetic and real batches in one pass)."""
     torch.manual_seed(cfg.seed)
-    G, D = make_networks(cfg)
+    G_default, D = make_networks(cfg)                                               # same eps_theta init either way
+    G = G_default if G is None else G
     G, D = G.to(device), D.to(device)
     switches, _ = fast_path(device)
     if fast and switches["channels_last"]:                                          # faster convs on tensor cores
@@ -1295,10 +1299,11 @@ def mechanism_diagnostic(state, x_syn, y_syn, x_real, y_real, gamma=None, draws=
     return torch.stack(cos).mean().item()
 
 
-def train(cfg, data=None, out=None, resume=False, log=print, on_eval=None):
+def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=None):
     """Train one method (cfg.method) and return its TrainState (with .history).
     out:     directory for checkpoint.pt and history.json (written atomically), or None
     resume:  continue from out/checkpoint.pt if it exists
+    G:       optional restorer module to use instead of RestorerUNet (see init_state)
     on_eval: optional on_eval(state), called after each evaluation (e.g. to keep sample restorations)"""
     cfg.validate()
     device = pick_device(cfg.device)
@@ -1306,7 +1311,7 @@ def train(cfg, data=None, out=None, resume=False, log=print, on_eval=None):
     if cfg.method == "oracle" and data.real_clean is None:
         raise ValueError("method 'oracle' trains on real pairs, but the real images have no ground truth: "
                          "give --real-dir in the paired layout (input/ + target/) or use the built-in data")
-    state = init_state(cfg, device)
+    state = init_state(cfg, device, G=G)
     ckpt = os.path.join(out, "checkpoint.pt") if out else None
     if resume and ckpt and os.path.exists(ckpt):
         load_checkpoint(ckpt, state)

@@ -1,0 +1,103 @@
+"""The walkthrough notebooks: committed without outputs, shaped as the course expects, and executed top to
+bottom in quick mode (DADA_QUICK=1: tiny sizes, a few steps). Also the two hooks of dada_min.train that
+the notebooks use (G= and on_eval=)."""
+import os
+import pathlib
+
+import pytest
+import torch
+
+import dada_min as dm
+
+NB_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("0*.ipynb"))
+NAMES = ["01_domain_gap", "02_diffusion_basics", "03_denoising_as_adaptation", "04_shortcuts",
+         "05_beyond_denoising"]
+
+nbformat = pytest.importorskip("nbformat")
+
+
+def test_the_five_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS] == NAMES
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name} cell {i} has outputs: clear them before committing"
+            assert cell.execution_count is None, f"{path.name} cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_structure(path):
+    nb = nbformat.read(path, as_version=4)
+    first, last = nb.cells[0], nb.cells[-1]
+    assert first.cell_type == "markdown" and "Learning goals" in first.source
+    assert "Full mode: about" in first.source and "@RT" not in first.source       # measured runtime is stated
+    setup = nb.cells[1].source
+    assert nb.cells[1].cell_type == "code" and "import dada_min as dm" in setup
+    assert 'dm.pick_device("auto")' in setup and "DADA_QUICK" in setup
+    assert last.cell_type == "markdown" and "## What we saw" in last.source
+    n_questions = sum(1 for line in last.source.splitlines() if line[:2] in {f"{k}." for k in range(1, 10)})
+    assert 2 <= n_questions <= 4, f"{path.name}: {n_questions} questions (want 2-4)"
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "def train_step" not in code and "def train(" not in code              # one implementation
+    if "dm.train(" in code:
+        assert "resume=True" in code and "run_dir(" in code                         # load when present, else train
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("DADA_QUICK", "1")
+    monkeypatch.setenv("DADA_RUNS", str(tmp_path))                               # train fresh, write nothing in the repo
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                                   # tiny tensors: one thread is fastest
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(NB_DIR)}})
+    client.execute()                                                              # raises CellExecutionError on failure
+    assert any(p.name == "checkpoint.pt" for p in tmp_path.rglob("*")) or path.stem == "02_diffusion_basics"
+
+
+class Scaled(torch.nn.Module):
+    """A restorer that is not the U-Net: one 3x3 conv predicting the residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth = 1
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is fastest, and far faster than two on a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_train_accepts_another_restorer_and_calls_on_eval(tmp_path, tiny_data, one_thread):
+    cfg = dm.make_config("tiny", device="cpu", method="da", steps=2, eval_every=1, log_every=1)
+    seen = []
+    G = Scaled()
+    state = dm.train(cfg, tiny_data, out=str(tmp_path), log=lambda *a: None, G=G,
+                     on_eval=lambda st: seen.append((st.step, st.history["eval_step"][-1])))
+    assert state.G is G and isinstance(state.G_ema, Scaled) and state.G_ema is not G
+    assert seen == [(1, 1), (2, 2)]
+    assert {id(p) for p in G.parameters()} <= {id(p) for g in state.opt.param_groups for p in g["params"]}
+    # the denoiser is initialised exactly as with the default restorer
+    fresh = dm.init_state(cfg, torch.device("cpu"), G=Scaled())
+    for a, b in zip(fresh.D.parameters(), dm.init_state(cfg, torch.device("cpu")).D.parameters()):
+        torch.testing.assert_close(a, b)
+    # a finished run resumes from its checkpoint into a fresh module of the same class, without training
+    again = dm.train(cfg, tiny_data, out=str(tmp_path), resume=True, log=lambda *a: None, G=Scaled(),
+                     on_eval=lambda st: seen.append("trained again"))
+    assert again.step == 2 and seen[-1] == (2, 2)
+    torch.testing.assert_close(again.G_ema.conv.weight, state.G_ema.conv.weight)
