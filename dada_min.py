@@ -1351,11 +1351,11 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
             h["diag_cos"].append(cos)
             log(f"[{cfg.method}] eval @ {step + 1}: synthetic PSNR {m['syn_psnr']:.2f} dB, "
                 f"real-like PSNR {m['real_psnr']:.2f} dB" + ("" if math.isnan(cos) else f", diagnostic cos {cos:+.3f}"))
-            if on_eval:
-                on_eval(state)
             if ckpt:
                 save_checkpoint(ckpt, state)
                 atomic_write_text(os.path.join(out, "history.json"), json.dumps(h, indent=1))
+            if on_eval:                                                             # after the save: out/ exists
+                on_eval(state)
     return state
 
 
