@@ -1746,7 +1746,8 @@ def save_comparison_figure(path, data, models, n=4):
             ax = axes[i, j]
             ax.imshow(imgs[i].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_xlabel(f"{psnr(imgs[i:i + 1], y[i:i + 1]).item():.2f} dB", fontsize=8)
+            if title != "ground truth":
+                ax.set_xlabel(f"{psnr(imgs[i:i + 1], y[i:i + 1]).item():.2f} dB", fontsize=8)
             if i == 0:
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()
