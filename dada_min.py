@@ -2094,7 +2094,7 @@ def exp_ablation(cfg, out, quick, log=print):
         for label, method, t_range in ABLATION_ROWS:
             t_min, t_max = t_range or (c.t_min, c.t_max)
             state = train(dataclasses.replace(c, method=method, t_min=t_min, t_max=t_max), data,
-                          log=seed_log(log, seed))
+                          log=seed_log(log, f"{seed} {label}"))
             runs[label].append(evaluate_pools(state.G_ema, data))
     base = runs[ABLATION_ROWS[0][0]]
     rows = []
