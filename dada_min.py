@@ -2018,9 +2018,10 @@ def bar_figure(path, labels, groups, ylabel, title, hline=None):
             quick=dict(steps=8, eval_every=0, log_every=8))
 def exp_compare(cfg, out, quick, log=print):
     """Tables 1-3 in miniature: vanilla, feature-space DA (DANN), pixel-space DA, DA (ours) and the
-    oracle on cfg.task's built-in real-like domain (cfg.real_noise). All share G, the data, the Adam
-    optimiser, the step budget and the alpha ramp. Writes out/compare.json, out/compare.png (PSNR per
-    method) and out/compare_samples.png (restorations of real-like test images, first seed)."""
+    oracle on cfg.task's built-in real-like domain (cfg.real_noise); one task per call (--task NAME).
+    All share G, the data, the Adam optimiser, the step budget and the alpha ramp. Writes
+    out/compare.json, out/compare.png (PSNR per method) and out/compare_samples.png (restorations of
+    real-like test images, first seed)."""
     t0, c0 = time.time(), time.process_time()
     os.makedirs(out, exist_ok=True)
     device = pick_device(cfg.device)
