@@ -1733,6 +1733,18 @@ def results_table(r):
     return "\n".join(lines)
 
 
+def show_image(ax, img, ref=None, title=None, fontsize=8):
+    """Draw one (3, H, W) image on a matplotlib axis without ticks; with ref (3, H, W), label it with its
+    PSNR against ref. Every image grid in the demo and the experiments is drawn with this."""
+    img = img.detach().clamp(0, 1).cpu()
+    ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([]), ax.set_yticks([])
+    if ref is not None:
+        ax.set_xlabel(f"{psnr(img[None], ref.detach().cpu()[None]).item():.2f} dB", fontsize=fontsize)
+    if title:
+        ax.set_title(title, fontsize=fontsize + 1)
+
+
 def save_comparison_figure(path, data, models, n=4):
     """Input, each model's output and the ground truth on the first n real-like test images."""
     import matplotlib
@@ -1743,13 +1755,8 @@ def save_comparison_figure(path, data, models, n=4):
     fig, axes = plt.subplots(n, len(cols), figsize=(2.2 * len(cols), 2.2 * n), squeeze=False)
     for j, (title, imgs) in enumerate(cols):
         for i in range(n):
-            ax = axes[i, j]
-            ax.imshow(imgs[i].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-            if title != "ground truth":
-                ax.set_xlabel(f"{psnr(imgs[i:i + 1], y[i:i + 1]).item():.2f} dB", fontsize=8)
-            if i == 0:
-                ax.set_title(title, fontsize=9)
+            show_image(axes[i, j], imgs[i], ref=None if title == "ground truth" else y[i],
+                       title=title if i == 0 else None)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -1791,15 +1798,11 @@ def save_task_figure(path, size=64, seed=0):
         cols = [("clean", y), ("synthetic", fns["synthetic"](y, Config.sigma_max, gen).clamp(0, 1))]
         cols += [(f"real-like: {name}", fn(y, gen)) for name, fn in fns["real"].items()]
         for j, ax in enumerate(axes[i]):
-            ax.set_xticks([]), ax.set_yticks([])
             if j >= len(cols):
                 ax.axis("off")
                 continue
             title, img = cols[j]
-            ax.imshow(img[0].permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_title(f"{task}: {title}" if j == 0 else title, fontsize=9)
-            if j:
-                ax.set_xlabel(f"{psnr(img, y).item():.1f} dB", fontsize=8)
+            show_image(ax, img[0], ref=y[0] if j else None, title=f"{task}: {title}" if j == 0 else title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -2300,12 +2303,8 @@ def exp_shortcut(cfg, out, quick, log=print):
                                                      for i in idx] + [("ground truth", gt.cpu())]
         for j, (title, img) in enumerate(cols):
             ax = axes[r, j]
-            ax.imshow(img[0].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-            if title != "ground truth":
-                ax.set_xlabel(f"{psnr(img.clamp(0, 1), gt.cpu()).item():.2f} dB", fontsize=7)
-            if r == 0:
-                ax.set_title(title, fontsize=8)
+            show_image(ax, img[0], ref=None if title == "ground truth" else gt[0],
+                       title=title if r == 0 else None, fontsize=7)
             if j == 0:
                 ax.set_ylabel(f"{m}, {('synthetic', 'real-like')[d]}", fontsize=8)
     fig.tight_layout()

@@ -323,6 +323,7 @@ class _Evil:
         return (os.system, ("echo pwned > /tmp/dada_min_pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")   # the file is a plain pickle, on purpose
 def test_malicious_checkpoint_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:

@@ -63,7 +63,7 @@ def outcomes(junit):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Run the grader five ways at once (the runs are independent; starting them together saves time)."""
+    """Run the grader six ways at once (the runs are independent; starting them together saves time)."""
     tmp = tmp_path_factory.mktemp("grading")
     solved = tmp / "solved"
     solved.mkdir()
@@ -71,12 +71,18 @@ def runs(tmp_path_factory):
         nbformat.write(solved_notebook(ex), str(solved / f"{STEMS[ex]}.ipynb"))
     anonymous = tmp / "my_answer.py"                                       # no exercise id in its name
     anonymous.write_text("")
+    cheat = tmp / "cheat"                                                  # "solutions" that call dada_min's own
+    cheat.mkdir()
+    for ex, fn in (("ex3", "channel_shuffle"), ("ex6", "diffusion_loss")):
+        (cheat / f"{STEMS[ex]}.py").write_text(f"import dada_min as dm\n\n\ndef {fn}(*args, **kwargs):\n"
+                                               f"    return dm.{fn}(*args, **kwargs)\n")
     jobs = {
         "templates": ["--solution", EX_DIR],                               # every template, as shipped
         "references": ["--solution", os.path.join(EX_DIR, "solutions")],   # every reference solution
         "solved": ["-m", "ex2 or ex3", "--solution", str(solved)],         # notebooks filled in by a "student"
         "one": ["--solution", os.path.join(EX_DIR, f"{STEMS['ex4']}.ipynb")],  # id taken from the file name
         "anonymous": ["--collect-only", "--solution", str(anonymous)],     # which exercise? a usage error
+        "cheat": ["-m", "ex3 or ex6", "--solution", str(cheat)],           # calling the answer is refused
     }
     procs = {k: (grade(args, tmp / f"{k}.xml"), tmp / f"{k}.xml") for k, args in jobs.items()}
     out = {}
@@ -115,6 +121,14 @@ def test_single_notebook_is_graded_by_its_exercise(runs):
     rc, log, res = runs["one"]
     assert rc == 1 and set(res) == {"ex4"}, log[-3000:]
     assert "NotImplementedError: Exercise 4" in log
+
+
+def test_calling_the_function_the_exercise_asks_for_is_refused(runs):
+    rc, log, res = runs["cheat"]
+    assert rc == 1 and set(res) == {"ex3", "ex6"}, log[-3000:]
+    for ex, cases in res.items():
+        for name, outcome, message in cases:
+            assert outcome == "failure" and "asks you to write" in message, (ex, name, outcome, message)
 
 
 def test_one_file_without_an_exercise_id_is_a_usage_error(runs):

@@ -158,15 +158,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture
-def guard(monkeypatch):
-    """guard(owner, name, ex): while the test runs, calling owner.name (e.g. dada_min.channel_shuffle)
-    fails with a clear message, so an exercise cannot be solved by calling the function it asks for. The tests
-    compare against references saved before the guard is set."""
-    def _guard(owner, name, ex):
-        def refuse(*args, **kwargs):
-            raise AssertionError(f"exercise {ex[2:]} asks you to write {name} yourself; "
-                                 f"your solution calls dada_min's {name}")
+@pytest.fixture(autouse=True)
+def own_work(request, monkeypatch):
+    """While a test runs, calling any function its module lists in GUARDED = [(owner, name), ...] (e.g.
+    (dada_min, "channel_shuffle")) fails with a clear message, so an exercise cannot be solved by calling the
+    function it asks for. The tests compare against references saved (REF = ...) before the guard is set."""
+    ex = exercise_of(request.node)
+    for owner, name in getattr(request.module, "GUARDED", ()):
+        def refuse(*args, _name=name, **kwargs):
+            raise AssertionError(f"exercise {ex[2:]} asks you to write {_name} yourself; "
+                                 f"your solution calls dada_min's {_name}")
         static = isinstance(owner, type) and isinstance(owner.__dict__.get(name), staticmethod)
         monkeypatch.setattr(owner, name, staticmethod(refuse) if static else refuse)
-    return _guard

@@ -9,11 +9,7 @@ import dada_min as dm
 
 pytestmark = pytest.mark.ex2
 REF = dm.alpha_ramp
-
-
-@pytest.fixture(autouse=True)
-def _own_work(guard):
-    guard(dm, "alpha_ramp", "ex2")
+GUARDED = [(dm, "alpha_ramp")]   # conftest.own_work: calling these fails in a test
 
 
 def test_matches_reference_on_random_arguments(sol):

@@ -6,11 +6,7 @@ import dada_min as dm
 
 pytestmark = pytest.mark.ex3
 REF = dm.channel_shuffle
-
-
-@pytest.fixture(autouse=True)
-def _own_work(guard):
-    guard(dm, "channel_shuffle", "ex3")
+GUARDED = [(dm, "channel_shuffle")]   # conftest.own_work: calling these fails in a test
 
 
 def conditions(B, seed):

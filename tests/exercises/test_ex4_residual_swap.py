@@ -6,12 +6,7 @@ import dada_min as dm
 
 pytestmark = pytest.mark.ex4
 REF_SWAP, REF_HINGE = dm.residual_swap, dm.triplet_hinge
-
-
-@pytest.fixture(autouse=True)
-def _own_work(guard):
-    guard(dm, "residual_swap", "ex4")
-    guard(dm, "triplet_hinge", "ex4")
+GUARDED = [(dm, "residual_swap"), (dm, "triplet_hinge")]   # conftest.own_work: calling these fails in a test
 
 
 def test_residual_swap_matches_reference(sol):
