@@ -975,6 +975,11 @@ def channel_shuffle(c_syn, c_real, enabled=True):
     condition slot holds the synthetic and which the real image, so eps_theta cannot learn "slot 2 is
     always the real one". Redrawn on every call. The noisy y_t is not touched (it stays in front).
     Returns (c1, c2, swapped) with swapped: (B,) bool."""
+    # Why it matters: in Algorithm A the noised image is y_syn, and y_syn_hat shows that very scene. Without
+    # CS eps_theta can simply read the fixed synthetic slot and ignore the other one, so the diffusion loss
+    # asks G for little more than L_Res already does (measured here: naive joint training ends within
+    # +0.05..+0.12 dB of vanilla after 3000 steps, docs/paper-vs-miniature.md). With CS it must compare
+    # both slots with y_t, so the restored real image can matter to its prediction.
     if not enabled:
         return c_syn, c_real, torch.zeros(c_syn.shape[0], dtype=torch.bool, device=c_syn.device)
     swapped = torch.rand(c_syn.shape[0], device=c_syn.device) < 0.5                 # (B,)
@@ -999,6 +1004,9 @@ def charbonnier(pred, target, eps=1e-3):
 def triplet_hinge(eps, eps_pos, eps_neg, margin=0.1):
     """Eq. (3) as in the official code: relu(MSE(eps, eps_pos) - MSE(eps, eps_neg) + margin), with each
     MSE averaged over the WHOLE batch, so there is one hinge per batch, not one per sample."""
+    # The margin is in units of the noise MSE. At dada-min's CPU sizes the negatives are already more than
+    # 0.1 worse than the positives from about step 100 on, so the hinge (and its gradient) is usually 0;
+    # it then only acts on the batches where a negative comes close.
     return F.relu(F.mse_loss(eps_pos, eps) - F.mse_loss(eps_neg, eps) + margin)
 
 
@@ -1328,6 +1336,7 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
     # without real ground truth (a folder of real images) there is no diagnostic
     torch.manual_seed(cfg.seed + 1)
     diag = (*syn_batch(data, cfg), *real_pairs_batch(data, cfg)) if data.real_clean is not None else None
+    # seeded from the step: a run resumed at step k draws its own reproducible batches, not those of 0..k again
     torch.manual_seed(cfg.seed + 2 + state.step)
     h, t0, start = state.history, time.time(), state.step
     state.G.train(), state.D.train()
@@ -1566,6 +1575,8 @@ def evaluate(G, x, y, batch=32):
 
 def evaluate_pools(G, data):
     """Synthetic and real-like test metrics of G."""
+    # Both pools are always scored: adaptation that buys real-like PSNR by losing synthetic PSNR is a
+    # trade, not a gain (the paper's goal keeps synthetic quality; so does the effect criterion here).
     s = evaluate(G, data.test_syn_noisy, data.test_syn_clean)
     r = evaluate(G, data.test_real_noisy, data.test_real_clean)
     return {"syn_psnr": s["psnr"], "syn_ssim": s["ssim"], "real_psnr": r["psnr"], "real_ssim": r["ssim"]}
@@ -1979,6 +1990,7 @@ def summarize(runs, base=None):
 
 
 def seed_log(log, seed):
+    # experiments train many models in one process: prefix each line with its seed (and row) to tell them apart
     return lambda msg: log(f"  seed {seed} {msg}")
 
 
@@ -2090,7 +2102,8 @@ def exp_ablation(cfg, out, quick, log=print):
     t0, c0 = time.time(), time.process_time()
     os.makedirs(out, exist_ok=True)
     device = pick_device(cfg.device)
-    seeds = exp_seeds(cfg, quick, n=2)   # 8 trainings per seed: two seeds fit the 10-minute CPU budget
+    # 8 trainings per seed: two seeds take 409 s on an idle 2-core CPU, three would take about 610 s
+    seeds = exp_seeds(cfg, quick, n=2)
     runs = {label: [] for label, _, _ in ABLATION_ROWS}
     for seed in seeds:
         c = dataclasses.replace(cfg, seed=seed)
@@ -2232,7 +2245,10 @@ def exp_shortcut(cfg, out, quick, log=print):
     t0, c0 = time.time(), time.process_time()
     os.makedirs(out, exist_ok=True)
     device = pick_device(cfg.device)
-    seeds = exp_seeds(cfg, quick, n=2)   # two long-enough curves fit the 10-minute CPU budget better than three short
+    # Two seeds: 370 s on an idle 2-core CPU; a third would take about 555 s, too close to the 10-minute
+    # budget. Longer curves (--steps 3000 --eval_every 300) are the better use of extra time: stage III, if
+    # it comes, comes late (it had not come by step 3000 here).
+    seeds = exp_seeds(cfg, quick, n=2)
     methods = ("naive", "da")
     curves, samples = {m: [] for m in methods}, {m: [] for m in methods}
     for seed in seeds:
