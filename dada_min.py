@@ -31,6 +31,7 @@ import gc
 import importlib.util
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -152,15 +153,36 @@ class Config:
             bad("precision", "must be auto, fp32, bf16 or fp16")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             bad("device", "must be auto, cpu, cuda, cuda:N or mps")
+        # every number: finite (NaN and inf compare False with everything, so they would slip through
+        # later checks and surface as NaN losses or obscure errors), integer where the field is an int
+        rules = [(("image_size", "patch_size", "n_syn", "n_real", "n_test", "r_width", "r_depth", "d_width",
+                   "d_res_blocks", "t_min", "t_max", "steps", "batch_size", "log_every"), lambda v: v >= 1, ">= 1"),
+                 (("eval_every",), lambda v: v >= 0, ">= 0 (0: evaluate only at the end)"),
+                 (("T",), lambda v: v >= 2, ">= 2"),
+                 (("seed",), lambda v: True, ""),
+                 (("sigma_max", "alpha_max", "margin"), lambda v: v >= 0, ">= 0"),
+                 (("lr",), lambda v: v > 0, "> 0"),
+                 (("ramp_frac",), lambda v: 0 < v <= 1, "in (0, 1]"),
+                 (("ema_decay", "d_dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
+                 (("beta_start", "beta_end"), lambda v: 0 < v < 1, "in (0, 1)")]
+        ints = {f.name for f in dataclasses.fields(self) if f.type in (int, "int")}
+        for names, ok, rule in rules:
+            for name in names:
+                v = getattr(self, name)
+                number = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                if not number or (name in ints and not isinstance(v, numbers.Integral)) or not ok(v):
+                    bad(name, f"must be {'an integer' if name in ints else 'a finite number'} {rule}".rstrip())
+        if self.beta_start >= self.beta_end:
+            bad("beta_end", f"must be > beta_start ({self.beta_start}): the linear schedule rises")
+        mults = self.d_mults if isinstance(self.d_mults, (tuple, list)) else ()
+        if not mults or not all(isinstance(m, numbers.Integral) and m >= 1 for m in mults):
+            bad("d_mults", "must be one or more integers >= 1, e.g. 1,2")
         if self.patch_size > self.image_size:
             bad("patch_size", f"must be <= image_size ({self.image_size})")
         if self.patch_size % 2 ** (self.r_depth - 1) or self.patch_size % 2 ** (len(self.d_mults) - 1):
             bad("patch_size", "must be divisible by 2^(r_depth-1) and 2^(len(d_mults)-1)")
         if not 1 <= self.t_min <= self.t_max <= self.T - 1:
             bad("t_max", f"needs 1 <= t_min ({self.t_min}) <= t_max <= T-1 ({self.T - 1})")
-        for name in ("steps", "batch_size", "n_syn", "n_real", "n_test", "r_width", "d_width", "r_depth"):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
         return self
 
 
@@ -1396,6 +1418,50 @@ def mechanism_diagnostic(state, x_syn, y_syn, x_real, y_real, gamma=None, draws=
     return torch.stack(cos).mean().item()
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss term, the gradient norm or an evaluation score stopped being finite. Nothing non-finite was
+    saved: the checkpoint on disk is that of the last finite evaluation."""
+
+
+class DivergenceGuard:
+    """Watches every step's loss terms and gradient norm for NaN/inf without a host synchronisation (on a
+    GPU the loop runs ahead of the kernels): the first bad step and its values stay on the device until
+    check() reads them, at each log step and before each evaluation, so before any save."""
+
+    def __init__(self, cfg, device, ckpt=None, saved=None):
+        self.cfg, self.ckpt, self.saved = cfg, ckpt, saved                         # saved: step of ckpt on disk
+        self.amp_dtype, _ = pick_precision(cfg.precision, device)
+        self.first = torch.zeros((), dtype=torch.long, device=device)             # first bad step (0: none yet)
+        self.names, self.values = [], None                                          # values (K,) at that step
+
+    def update(self, step, terms):
+        """terms: {name: 0-d tensor} of step `step` (counted from 1)."""
+        self.names = list(terms)
+        vals = torch.stack([v.float() for v in terms.values()])                     # (K,)
+        new = (self.first == 0) & ~torch.isfinite(vals).all()                       # device-side, no sync
+        self.first = torch.where(new, step, self.first)
+        self.values = vals if self.values is None else torch.where(new, vals, self.values)
+
+    def check(self):
+        step = int(self.first)                                                      # the host sync
+        if step:
+            bad = ", ".join(f"{n}={v:g}" for n, v in zip(self.names, self.values.tolist()) if not math.isfinite(v))
+            self.fail(f"training diverged at step {step}: {bad}")
+
+    def fail(self, what):
+        cause = f"the learning rate is too high (lr={self.cfg.lr:g}; try 10x lower)"
+        if self.amp_dtype is not None:                                              # half precision overflows first
+            cause += f" or {'fp16' if self.amp_dtype == torch.float16 else 'bf16'} precision is too narrow " \
+                     f"(precision={self.cfg.precision}; try --precision fp32)"
+        if self.ckpt is None:
+            kept = "nothing was saved"
+        elif self.saved is None:
+            kept = f"this run saved nothing to {os.path.dirname(self.ckpt)}"
+        else:
+            kept = f"{self.ckpt} and history.json are kept from step {self.saved}, the last finite evaluation"
+        raise TrainingDiverged(f"{what} (not finite). Likely cause: {cause}. Stopped; {kept}.")
+
+
 def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=None):
     """Train one method (cfg.method) and return its TrainState (with .history).
     out:     directory for checkpoint.pt and history.json (written atomically), or None
@@ -1430,12 +1496,23 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
     h, t0, start = state.history, time.time(), state.step
     contrast = METHODS[cfg.method][2]
     rs_stats = torch.zeros(3, device=device)                                        # [active steps, sum of gaps, steps]
+    guard = DivergenceGuard(cfg, device, ckpt, saved=state.step if state.step else None)
+    params = [p for g in state.opt.param_groups for p in g["params"]]
     state.G.train(), state.D.train()
     for step in range(state.step, cfg.steps):
         parts = train_step(state, data, gmodels)
+        terms = {k: v for k, v in parts.items() if torch.is_tensor(v)}               # alpha is a float
+        if state.scaler is None:        # with fp16 loss scaling, inf gradients are normal: the scaler skips them
+            terms["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        guard.update(step + 1, terms)
         if contrast:                                                                # on the device: no sync
             rs_stats += torch.stack([(parts["hinge"] > 0).float(), parts["gap"].float(), torch.ones((), device=device)])
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        last = step + 1 == cfg.steps
+        logging = last or (step + 1) % cfg.log_every == 0
+        evaluating = last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
+        if logging or evaluating:
+            guard.check()                                                           # raises before any save
+        if logging:
             vals = {k: float(v) for k, v in parts.items()}                          # host sync: logging only
             h["step"].append(step + 1)
             for k in ("loss_res", "loss_dif", "alpha", "hinge"):
@@ -1443,9 +1520,11 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
             eta = (time.time() - t0) / (step + 1 - start) * (cfg.steps - step - 1)
             log(f"[{cfg.method}] step {step + 1}/{cfg.steps} " +
                 " ".join(f"{k} {v:.4g}" for k, v in vals.items()) + f" | eta {eta:.0f}s")
-        last = step + 1 == cfg.steps
-        if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+        if evaluating:
             m = evaluate_pools(state.G_ema, data)
+            if not (math.isfinite(m["syn_psnr"]) and math.isfinite(m["real_psnr"])):
+                guard.fail(f"evaluation at step {step + 1}: synthetic PSNR {m['syn_psnr']}, "
+                           f"real-like PSNR {m['real_psnr']}")
             cos = mechanism_diagnostic(state, *diag) if uses_diffusion and diag else float("nan")
             h["eval_step"].append(step + 1)
             h["syn_psnr"].append(m["syn_psnr"])
@@ -1461,6 +1540,7 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
             if ckpt:
                 save_checkpoint(ckpt, state)
                 atomic_write_text(os.path.join(out, "history.json"), json.dumps(h, indent=1))
+                guard.saved = step + 1
             if on_eval:                                                             # after the save: out/ exists
                 on_eval(state)
     return state
@@ -1672,6 +1752,13 @@ def rgb_to_y(x):
     return (x * w).sum(1, keepdim=True) / 255 + 16 / 255
 
 
+def quantize_8bit(x):
+    """Round [0, 1] images to the 256 levels of an 8-bit file, as write_image does. Scores are taken on
+    these, as the field does (the SIDD benchmark, BasicSR): restore writes 8-bit files, and the float
+    output, which no saved file holds, can score a tenth of a dB or more apart from them at high PSNR."""
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
 def psnr(x, y, y_channel=False):
     """Per-image PSNR in dB for [0, 1] images (B, C, H, W) -> (B,)."""
     if y_channel:
@@ -1719,10 +1806,10 @@ def shrink_hf(x, lam):
 
 @torch.no_grad()
 def evaluate(G, x, y, batch=32):
-    """Mean PSNR and SSIM of restore(G, x) against y."""
+    """Mean PSNR and SSIM of restore(G, x), rounded to 8 bits, against y (used as given)."""
     was_training = G.training
     G.eval()
-    out = torch.cat([restore(G, x[i:i + batch]) for i in range(0, len(x), batch)])
+    out = quantize_8bit(torch.cat([restore(G, x[i:i + batch]) for i in range(0, len(x), batch)]))
     G.train(was_training)
     return {"psnr": psnr(out, y).mean().item(), "ssim": ssim(out, y).mean().item()}
 
@@ -1738,12 +1825,13 @@ def evaluate_pools(G, data):
 
 def evaluate_folder(G, folder, tile=512, log=print):
     """Score G on every pair of a paired folder (folder/input/NAME, folder/target/NAME), on whole images
-    restored as the restore command does. Returns {"mean_psnr", "mean_ssim", "input_mean_psnr",
-    "input_mean_ssim", "per_image": [{"name", "psnr", "ssim", "input_psnr", "input_ssim"}, ...]}."""
+    restored as the restore command does and rounded to 8 bits, as the files it writes. Returns
+    {"mean_psnr", "mean_ssim", "input_mean_psnr", "input_mean_ssim",
+     "per_image": [{"name", "psnr", "ssim", "input_psnr", "input_ssim"}, ...]}."""
     rows = []
     for name in paired_names(folder, log):
         x, y = (torch.from_numpy(a).permute(2, 0, 1)[None] for a in read_pair(folder, name))  # (1, 3, H, W)
-        out = restore_tiled(G, x, tile)
+        out = quantize_8bit(restore_tiled(G, x, tile))                             # what restore would write
         rows.append({"name": name, "psnr": psnr(out, y).item(), "ssim": ssim(out, y).item(),
                      "input_psnr": psnr(x, y).item(), "input_ssim": ssim(x, y).item()})
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("psnr", "ssim", "input_psnr", "input_ssim")}
@@ -2729,6 +2817,16 @@ def evaluate_command(args, log=print):
 
 
 def main(argv=None):
+    """The command line. Bad flags, values and files end as an argparse error (exit status 2); a training
+    run that diverges ends as one error line and exit status 1, its last finite checkpoint kept."""
+    try:
+        return cli(argv)
+    except TrainingDiverged as e:
+        print(f"dada_min.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+def cli(argv=None):
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:

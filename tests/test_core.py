@@ -3,6 +3,8 @@ import json
 import math
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -26,6 +28,28 @@ def test_bad_config_values_are_named():
         dm.make_config(not_a_field=1)
     with pytest.raises(ValueError, match="t_max"):
         dm.make_config(t_max=1000)
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_NUMBERS = [("lr", -1.0), ("lr", 0.0), ("lr", NAN), ("lr", INF), ("steps", 0), ("batch_size", 0),
+               ("image_size", 0), ("patch_size", 0), ("n_test", 0), ("r_depth", 0), ("d_res_blocks", 0),
+               ("margin", NAN), ("margin", -0.1), ("alpha_max", -1.0), ("alpha_max", INF), ("ramp_frac", 0.0),
+               ("ramp_frac", 1.5), ("ema_decay", 1.0), ("ema_decay", -0.1), ("sigma_max", INF), ("sigma_max", -1.0),
+               ("d_dropout", 1.0), ("d_dropout", NAN), ("beta_start", 0.0), ("beta_end", 1.0), ("beta_end", 1e-7),
+               ("eval_every", -1), ("log_every", 0), ("T", 1), ("d_mults", (0, 1)), ("steps", 2.5), ("seed", NAN)]
+
+
+@pytest.mark.parametrize("name,value", BAD_NUMBERS)
+def test_bad_numbers_are_named_by_config_and_cli(name, value, capsys):
+    with pytest.raises(ValueError, match=f"^config: {name}="):
+        dm.make_config("tiny", **{name: value})
+    if name in ("steps", "seed"):                          # the CLI parses these as integers: argparse refuses
+        return
+    text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    with pytest.raises(SystemExit) as e:
+        dm.main(["--preset", "tiny", f"--{name}", text])
+    assert e.value.code == 2
+    assert f"error: config: {name}=" in capsys.readouterr().err
 
 
 def test_cli_rejects_unknown_flag(capsys):
@@ -244,6 +268,67 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_data):
         total().backward()
         state.opt.step()
     assert total().item() < 0.8 * before
+
+
+def nan_from_call(fn, n):
+    """fn, but returning NaN from its n-th call on (counted from 1)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        out = fn(*args, **kwargs)
+        return out * float("nan") if len(calls) >= n else out
+    return wrapped
+
+
+@pytest.mark.parametrize("inject", ["loss", "gradient", "score"])
+def test_a_diverging_run_stops_and_keeps_the_last_finite_checkpoint(inject, tmp_path, tiny_data, monkeypatch):
+    """Something turns NaN at step 8 (or in the evaluation at step 10) of 20; evaluations at 5, 10, 15, 20."""
+    cfg = dm.make_config("tiny", method="vanilla", steps=20, eval_every=5, log_every=10)
+    out, G = str(tmp_path / "run"), None
+    if inject == "loss":                                   # vanilla: one charbonnier call per step
+        monkeypatch.setattr(dm, "charbonnier", nan_from_call(dm.charbonnier, 8))
+    elif inject == "gradient":                             # a finite loss with NaN gradients
+        torch.manual_seed(cfg.seed)
+        G = dm.RestorerUNet(cfg.r_width, cfg.r_depth)
+        G.last.bias.register_hook(nan_from_call(lambda g: g, 8))
+    else:                                                  # finite training, a NaN score from the second evaluation
+        evaluate_pools, calls = dm.evaluate_pools, []
+
+        def nan_score(G, data):
+            calls.append(1)
+            return {**evaluate_pools(G, data), **({"real_psnr": float("nan")} if len(calls) >= 2 else {})}
+        monkeypatch.setattr(dm, "evaluate_pools", nan_score)
+    saved = []                                             # the files on disk after each evaluation
+
+    def on_eval(state):
+        saved.append({f: open(os.path.join(out, f), "rb").read() for f in ("checkpoint.pt", "history.json")})
+    with pytest.raises(dm.TrainingDiverged) as e:
+        dm.train(cfg, tiny_data, out=out, log=lambda s: None, G=G, on_eval=on_eval)
+    msg = str(e.value)
+    expected = {"loss": "at step 8: loss_res=nan", "gradient": "at step 8: grad_norm=nan",
+                "score": "evaluation at step 10: synthetic PSNR"}[inject]
+    assert expected in msg and "lr=0.001" in msg and "kept from step 5" in msg and "\n" not in msg
+    assert inject != "gradient" or "loss_res" not in msg  # the loss of step 8 was finite
+    assert len(saved) == 1                                 # no evaluation after the bad step saved anything
+    for f, content in saved[0].items():                    # bit-identical to the files of step 5
+        assert open(os.path.join(out, f), "rb").read() == content, f
+    blob = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert blob["step"] == 5 and json.load(open(os.path.join(out, "history.json")))["eval_step"] == [5]
+    assert all(torch.isfinite(v).all() for k in ("restorer", "restorer_ema") for v in blob[k].values())
+
+
+def test_a_diverging_cli_run_exits_non_zero_with_one_error_line(tmp_path):
+    out = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "dada_min.py", "--preset", "tiny", "--method", "vanilla", "--steps", "10",
+                        "--log_every", "5", "--eval_every", "0", "--lr", "1000", "--device", "cpu", "--out", out],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1, r.stderr
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith("dada_min.py: error: training diverged at step") and "lr=1000" in err
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))                # a NaN checkpoint is never saved
 
 
 def test_restore_does_not_use_the_denoiser(tiny_data):

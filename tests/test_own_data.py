@@ -2,7 +2,11 @@
 train / restore / evaluate commands. Images are made in tmp_path with pillow; sizes are tiny."""
 import json
 import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 import numpy as np
@@ -406,3 +410,62 @@ def test_command_flag_errors(capsys):
 def test_no_command_still_trains_on_builtin_data(capsys):
     assert dm.main(["--preset", "tiny", "--steps", "2", "--device", "cpu", "--method", "vanilla"]) == 0
     assert "real_psnr" in capsys.readouterr().out
+
+
+# --- scores and crashes -----------------------------------------------------------------------------------
+def psnr_of_files(a, b):
+    """Independent reference: PSNR in dB of two 8-bit image files, in numpy float64."""
+    x, y = (np.asarray(Image.open(p).convert("RGB"), np.float64) / 255 for p in (a, b))
+    return 10 * np.log10(1 / np.mean((x - y) ** 2))
+
+
+def test_scores_are_those_of_the_8bit_files_restore_writes(tmp_path):
+    clean = random_images(3, 33, 35, seed=2)
+    ev = make_pairs(tmp_path / "eval", noisy(clean, sigma=0.005, seed=3), clean)   # ~46 dB: rounding shows
+    run = str(tmp_path / "run")
+    dm.train(dm.make_config("tiny", device="cpu", steps=3, method="vanilla", lr=1e-2), out=run, log=Log())
+    ckpt, restored, js = os.path.join(run, "checkpoint.pt"), str(tmp_path / "restored"), str(tmp_path / "eval.json")
+    assert dm.main(["restore", "--ckpt", ckpt, "--input", os.path.join(ev, "input"), "--output", restored]) == 0
+    assert dm.main(["evaluate", "--ckpt", ckpt, "--eval-dir", ev, "--json", js]) == 0
+    rows = json.load(open(js))["per_image"]
+    ref = [psnr_of_files(os.path.join(restored, r["name"]), os.path.join(ev, "target", r["name"])) for r in rows]
+    np.testing.assert_allclose([r["psnr"] for r in rows], ref, atol=0.01)
+    G, _ = dm.load_restorer(ckpt)
+    x, y = (torch.stack([torch.from_numpy(dm.read_image(os.path.join(ev, side, r["name"]))).permute(2, 0, 1)
+                         for r in rows]) for side in ("input", "target"))                 # (3, 3, 33, 35)
+    assert abs(dm.evaluate(G, x, y)["psnr"] - np.mean(ref)) < 0.01                  # training-time scores too
+    floats = dm.psnr(dm.restore(G, x), y).numpy()                                   # the unrounded output
+    assert np.abs(floats - ref).max() > 0.01                                        # would have failed the check
+
+
+def test_a_run_killed_between_evaluations_resumes_from_its_checkpoint(tmp_path, capsys):
+    """SIGKILL (no clean-up, as a crash or a lost machine) after the first checkpoint, then --resume."""
+    out, N, K = str(tmp_path / "run"), 50, 10                                     # N: still running at K
+    ckpt = os.path.join(out, "checkpoint.pt")
+    args = ["train", "--preset", "tiny", "--method", "vanilla", "--device", "cpu", "--steps", str(N),
+            "--eval_every", str(K), "--log_every", "25", "--out", out]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(tmp_path / "first.log", "w") as log:                                 # -u: the log survives the kill
+        first = subprocess.Popen([sys.executable, "-u", "dada_min.py"] + args, cwd=repo, stdout=log,
+                                 stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 120
+        while not os.path.exists(ckpt) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        running = first.poll() is None
+        if running:
+            first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    text = (tmp_path / "first.log").read_text()
+    assert running and os.path.exists(ckpt), f"the first run ended or wrote no checkpoint in time:\n{text}"
+    assert first.returncode == -signal.SIGKILL
+    killed = torch.load(ckpt, weights_only=True)                                    # complete, despite the kill
+    k = killed["step"]
+    assert 0 < k < N and k % K == 0
+    config = json.loads(text.split("config: ", 1)[1].splitlines()[0])               # the first run's config
+    assert killed["config"] == config
+    assert dm.main(args + ["--resume"]) == 0                                        # the same command, resumed
+    assert f"resumed from {ckpt} at step {k}" in capsys.readouterr().out
+    final = torch.load(ckpt, weights_only=True)
+    assert final["step"] == N and final["config"] == config
+    assert final["history"]["eval_step"] == list(range(K, N + 1, K))               # none lost, none repeated
+    assert json.load(open(os.path.join(out, "history.json")))["eval_step"] == list(range(K, N + 1, K))
