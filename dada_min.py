@@ -223,8 +223,10 @@ def start_path(sigma_max):
 
 
 def start_config(sigma_max):
-    """The config the shipped start for this synthetic range is trained with (--make-start)."""
-    return make_config("cpu-demo", sigma_max=sigma_max, **START)
+    """The config the shipped start for this synthetic range is trained with (--make-start); its real-like
+    domain (only evaluated, never trained on) is the one paired with that range."""
+    domain = next(d for d, s in TASKS["denoise"]["sigma_max"].items() if s == sigma_max)
+    return make_config("cpu-demo", sigma_max=sigma_max, real_noise=domain, **START)
 
 
 def start_matches(cfg):
@@ -1966,9 +1968,9 @@ def effect_variants(live):
 LIVE_CANDIDATES = (("auto", 0.1), ("x0", 1e-3), ("x0", 1e-2))
 
 
-def run_variant(cfg, data, log=lambda s: None):
+def run_variant(cfg, data, draws=64, log=lambda s: None):
     """Train one row of the effect table and measure it: test metrics, HF ratio of the real-like outputs,
-    the hinge-active fraction over training, the 64-draw diagnostic and the per-level RS gap."""
+    the hinge-active fraction over training, the diagnostic over `draws` draws and the per-level RS gap."""
     state = train(cfg, data, log=log)
     m = evaluate_pools(state.G_ema, data)
     m["real_hf"] = hf_ratio(restore(state.G_ema.eval(), data.test_real_noisy), data.test_real_clean)
@@ -1978,9 +1980,9 @@ def run_variant(cfg, data, log=lambda s: None):
     _, _, contrast = METHODS[cfg.method][:3]
     m["hinge_active_frac"] = float(np.mean(h["hinge_active_frac"])) if contrast else None
     if METHODS[cfg.method][0]:
-        m["diag"] = diagnostic_draws(state, data)
+        m["diag"] = diagnostic_draws(state, data, draws)
     if contrast:
-        m["gap_by_gamma"] = contrast_gap_by_gamma(state, data)
+        m["gap_by_gamma"] = contrast_gap_by_gamma(state, data, max(1, draws // 4))
     return m
 
 
@@ -2025,16 +2027,19 @@ def exp_effect(cfg, out, quick, log=print):
         runs, pred = {v: [] for v in variants}, []
         for seed in seeds:
             c = dataclasses.replace(cfg, seed=seed, real_noise=domain, sigma_max=None, start="auto").validate()
+            if not quick and c.sigma_max in STARTS and not os.path.isfile(start_path(c.sigma_max)):
+                raise FileNotFoundError(f"no shipped start for {domain} (sigma_max {c.sigma_max:g}) at "
+                                        f"{start_path(c.sigma_max)}: run `python dada_min.py --make-start`")
             data = make_data(c, device)
             G0 = init_state(c, device).G_ema.eval()                                 # the start every row shares
             y0 = restore(G0, data.test_real_noisy)
-            p0 = psnr(y0, data.test_real_clean).mean().item()
+            p0 = psnr(quantize_8bit(y0), data.test_real_clean).mean().item()
             pred.append({"start_real_psnr": p0, "start_syn_psnr": evaluate_pools(G0, data)["syn_psnr"],
                          "start_real_hf": hf_ratio(y0, data.test_real_clean),
-                         **{f"shrink_{lam}": psnr(shrink_hf(y0, lam), data.test_real_clean).mean().item() - p0
+                         **{f"shrink_{lam}": psnr(quantize_8bit(shrink_hf(y0, lam)), data.test_real_clean).mean().item() - p0
                             for lam in (0.1, 0.3)}})
             for v, over in variants.items():
-                m = run_variant(dataclasses.replace(c, **over), data)
+                m = run_variant(dataclasses.replace(c, **over), data, draws=2 if quick else 64)
                 runs[v].append(m)
                 log(f"[effect] {domain} seed {seed} {v:12s} syn {m['syn_psnr']:.2f} real {m['real_psnr']:.2f} "
                     f"HF {m['real_hf']:.2f}" + (f" diag {m['diag']:+.3f}" if "diag" in m else "")
@@ -2741,7 +2746,8 @@ def build_parser():
     p.add_argument("--tile", default=None, type=int, metavar="PX", help="restore, evaluate: tile side for large images (512)")
     p.add_argument("--force", action="store_true", help="train, restore, evaluate: replace existing outputs")
     p.add_argument("--make-start", action="store_true",
-                   help="retrain the shipped starting restorers data/start-awgn*.pt (vanilla, ~3 min each on 2 cores)")
+                   help="retrain the shipped starting restorers data/start-awgn*.pt (vanilla, ~3 min each on 2 "
+                        "cores; with --sigma_max only that one)")
     p.add_argument("--bench", action="store_true", help="time the DA training step, fast path vs fp32 (JSON lines)")
     p.add_argument("--batch", default=None, metavar="B[,B..]", type=_int_list,
                    help="with --bench: batch sizes, e.g. 3,16 (default: the preset's batch_size)")
@@ -2856,7 +2862,7 @@ def cli(argv=None):
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         parser.error(str(e))
     if args.make_start:                               # its configs are fixed (start_config), not the flags'
-        for sigma_max in STARTS:
+        for sigma_max in ([cfg.sigma_max] if args.cfg_sigma_max is not None else STARTS):
             make_start(sigma_max)
         return 0
     print("config:", json.dumps(dataclasses.asdict(cfg)))

@@ -433,5 +433,25 @@ def test_demo_end_to_end_tiny(tmp_path):
     for m in ("vanilla", "da", "oracle"):
         assert set(saved[m]) >= {"real_psnr", "syn_psnr", "real_ssim", "syn_ssim"}
     assert math.isclose(saved["da_gain_real_db"], saved["da"]["real_psnr"] - saved["vanilla"]["real_psnr"], abs_tol=1e-9)
+    # tiny sizes have no shipped start: the three runs start from the identity map, i.e. at the input's scores
+    assert saved["start"]["start"] == "scratch"
+    assert math.isclose(saved["start"]["real_psnr"], saved["identity"]["real_psnr"], abs_tol=0.05)
+    assert 0 <= saved["da"]["hinge_active_frac"] <= 1 and saved["vanilla"]["hinge_active_frac"] is None
     assert os.path.getsize(os.path.join(out, "demo.png")) > 1000
     assert r["device"] == "cpu"
+
+
+def test_denoiser_norms_and_init_follow_the_official_code():
+    """GroupNorm(32, c) at the official widths, never fewer than 2 channels per group at dada-min's small ones
+    (gcd(32, 16) groups would be InstanceNorm); Kaiming-normal weights (fan_in) and zero biases everywhere."""
+    for width in (16, 64):
+        D = dm.ConditionalDenoiser(width, (1, 2), 1)
+        norms = [m for m in D.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert norms and all(m.num_channels // m.num_groups >= 2 for m in norms)
+        assert all(m.num_groups == 32 for m in norms if m.num_channels >= 64)
+        for m in D.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                assert torch.count_nonzero(m.bias) == 0
+                fan_in = m.weight[0].numel()
+                if m.weight.numel() >= 4096:                       # enough weights for a tight std estimate
+                    assert abs(m.weight.std().item() / math.sqrt(2 / fan_in) - 1) < 0.1

@@ -288,8 +288,11 @@ def test_blur_kernels_are_normalised():
     torch.testing.assert_close(dm.blur(y, dm.shake_kernels(16, g)), y)
 
 
-def test_default_real_domain_stays_camera_for_denoise():
-    assert dm.make_config().real_noise == "camera"
+def test_default_real_domain_is_white_with_its_paired_synthetic_range():
+    cfg = dm.make_config()
+    assert (cfg.real_noise, cfg.sigma_max) == ("white", 15.0)
+    assert dm.make_config(real_noise="camera").sigma_max == 75.0          # the paper's range
+    assert dm.make_config(real_noise="camera", sigma_max=50).sigma_max == 50.0   # an explicit value wins
     with pytest.raises(ValueError, match="real_noise"):
         dm.make_config(task="derain", real_noise="camera")
 

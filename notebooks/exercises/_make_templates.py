@@ -432,10 +432,10 @@ exercise(
 **You will learn** to run an experiment end to end: choose a synthetic-to-real gap, train the vanilla restorer and
 the DA restorer on it with `dada_min.train`, and report what happened, honestly.
 
-The built-in gap is synthetic AWGN versus a simulated camera (correlated, brightness-dependent noise). Design your
-own. Some ideas:
+The built-in gaps are a narrow synthetic range (AWGN, `sigma_max=15`) against stronger white real noise (the default,
+`real_noise="white"`), and the paper's range (`sigma_max=75`) against a simulated camera (`real_noise="camera"`:
+correlated, brightness-dependent noise). Design your own. Some ideas:
 - noise shared by the three colour channels (grey noise), or only in some channels;
-- a narrow synthetic range (`sigma_max=15`) against strong real noise (`real_noise="white"`);
 - brightness-dependent noise, noise at a fixed coarser scale (upsampled), salt-and-pepper pixels.
 
 To change the real-like domain, build the data with `dm.make_data(cfg)` and replace its real pools with your own

@@ -1,6 +1,6 @@
 """Reference solution of exercise 9 (open-ended): one designed domain gap, measured.
 
-The gap: the synthetic training noise is white in every channel (AWGN, sigma up to 50/255), while the
+The gap: the synthetic training noise is white in every channel (AWGN, sigma up to cfg.sigma_max/255), while the
 "real" camera here adds the SAME noise to R, G and B (grey, luminance-only noise, sigma 30/255). A restorer
 trained on the synthetic pairs has never seen noise that is perfectly correlated across channels.
 """
@@ -24,8 +24,8 @@ def run_experiment(steps=60, seed=0):
     # replace both real-like pools (training inputs and test inputs) by the designed domain
     data = dataclasses.replace(data, real_noisy=grey_noise(data.real_clean, gen),
                                test_real_noisy=grey_noise(data.test_real_clean, gen))
-    results = {"description": "synthetic: per-channel AWGN sigma <= 50/255; real-like: grey noise, the "
-                              "same N(0, (30/255)^2) plane added to R, G and B",
+    results = {"description": f"synthetic: per-channel AWGN sigma <= {cfg.sigma_max:g}/255; real-like: grey noise, "
+                              "the same N(0, (30/255)^2) plane added to R, G and B",
                "identity": {"syn_psnr": dm.psnr(data.test_syn_noisy.clamp(0, 1), data.test_syn_clean).mean().item(),
                             "real_psnr": dm.psnr(data.test_real_noisy, data.test_real_clean).mean().item()}}
     for method in ("vanilla", "da"):
