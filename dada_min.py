@@ -11,12 +11,24 @@ The idea in four lines:
      and residual-swapping contrastive learning (negatives x_syn + R_real and x_real + R_syn).
   4. At test time the denoiser is thrown away: restoring is one pass of G.
 
-Read top to bottom: config, data, networks, noise schedule, the two anti-shortcut tricks, losses,
-the training algorithm, inference, metrics, experiments, CLI.
+Read top to bottom; the sections, in this order:
+  config and presets (Config, PRESETS, the shipped starts) -> built-in data for all tasks (TASKS) ->
+  networks (RestorerUNet, RESTORERS, ConditionalDenoiser) -> noise schedule -> the two anti-shortcut tricks ->
+  losses -> training (train_step, the plug-in hook for other methods, train) -> checkpoints ->
+  inference (restore) -> metrics -> the demo -> the command line (main).
 
-    python dada_min.py --demo          # vanilla vs DA vs oracle on built-in data (~3 min on 2 CPU cores)
-    python dada_min.py --bench         # time one DA training step: GPU fast path vs plain fp32 (JSON lines)
+"Algorithm A" below is the joint training of the paper's Sec. 3 as the official code runs it (Noise-DA,
+diff_flag=1): restore both domains with G, noise y_syn, predict the noise conditioned on the channel-shuffled
+pair (y_syn_hat, y_real_hat), add the RS hinge, one Adam step on G and eps_theta together. "Algorithm B" is
+its variant "Ours-Ex" (diff_flag=2): an unpaired clean image is noised instead, without negatives.
+
+    python dada_min.py --demo          # vanilla vs DA vs oracle on built-in data (a few minutes on a CPU)
+    python dada_min.py --method da --steps 600 --out runs/da     # train one method on built-in data
     python dada_min.py --help          # every config field is a flag
+
+The harness sits beside this file and imports it; this file never imports it: folders.py (your own images:
+train | restore | evaluate), experiments.py (the paper's tables and figures in miniature), baselines.py
+(DANN and pixel-space DA), bench.py (throughput).
 """
 
 # ----------------------------------------------------------------------------------------------------------
@@ -27,7 +39,6 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import gc
 import importlib.util
 import json
 import math
@@ -48,7 +59,7 @@ import torch.nn.functional as F
 METHODS = {
     # name:        (diffusion loss?, channel shuffle?, contrastive?, diffusion input, conditions)
     "vanilla":     (False, False, False, None, None),       # G on synthetic pairs only (the paper's "Vanilla")
-    "da":          (True, True, True, "syn", "both"),       # the paper's full method, Algorithm A in PAPER.md §7
+    "da":          (True, True, True, "syn", "both"),       # the paper's full method (Sec. 3), Algorithm A
     "no_shuffle":  (True, False, True, "syn", "both"),      # ablation: without channel shuffle (CS)
     "no_contrast": (True, True, False, "syn", "both"),      # ablation: without residual swapping (RS)
     "naive":       (True, False, False, "syn", "both"),     # naive joint training, Table 4 (d)
@@ -60,11 +71,8 @@ METHODS = {
                                                             # never reach eps_theta (their gradient is zero)
     "only_real":   (True, False, False, "syn", "real"),     # both slots hold y_real_hat: the noised y_syn is
                                                             # conditioned only on unrelated real outputs
-    # simplified baselines for Tables 1-3 (no diffusion model; see "Baselines" below)
-    "dann":        (False, False, False, None, None),       # feature-space DA: domain classifier + grad reversal
-    "pixel_da":    (False, False, False, None, None),       # pixel-space DA: discriminator on restored outputs
+    # more methods plug in from other modules (register_method): baselines.py adds "dann" and "pixel_da"
 }
-ADVERSARIAL = ("dann", "pixel_da")                          # methods that train a critic network alongside G
 
 
 # NOTE(simplification): the defaults are the cpu-demo scale: tiny networks (G ~0.13M instead of 8.56M
@@ -92,6 +100,7 @@ class Config:
     sigma_max: float = None       # synthetic AWGN (denoise): sigma ~ U[0, sigma_max] / 255 per image (paper: 75);
                                   # None: the range the real-like domain is paired with (white 15, camera 75)
     # --- restorer G (residual UNet) ---
+    restorer: str = "unet"        # G's architecture, one of RESTORERS (a new one is one entry there)
     r_width: int = 16             # channels at the first level (paper: 64)
     r_depth: int = 3              # UNet levels; inputs are padded to a multiple of 2^(depth-1) (paper: 4)
     start: str = "auto"           # G's starting weights: shipped (data/start-awgn{sigma_max}.pt, a converged
@@ -103,7 +112,7 @@ class Config:
     d_res_blocks: int = 1         # residual blocks per level (paper: 2)
     d_attn: bool = False          # self-attention at the bottleneck (paper: yes)
     d_dropout: float = 0.0        # dropout inside residual blocks (paper: 0.2)
-    # --- noise schedule (DDPM, PAPER.md §3.1) ---
+    # --- noise schedule (DDPM; the official configs' linear schedule) ---
     T: int = 1000                 # diffusion steps
     beta_start: float = 1e-6      # first beta of the linear schedule
     beta_end: float = 1e-2        # last beta of the linear schedule
@@ -131,7 +140,7 @@ class Config:
         def bad(name, why):
             raise ValueError(f"config: {name}={getattr(self, name)!r} {why}")
         if self.method not in METHODS:
-            bad("method", f"is not one of {sorted(METHODS)}")
+            bad("method", f"is not one of {sorted(METHODS)} (the baselines dann and pixel_da: import baselines)")
         if self.task not in TASKS:
             bad("task", f"is not one of {sorted(TASKS)}")
         if self.real_noise == "auto":                   # resolved once, so checkpoints record the real name
@@ -140,11 +149,13 @@ class Config:
             bad("real_noise", f"is not one of {sorted(TASKS[self.task]['real'])} (or auto) for task {self.task!r}")
         if self.sigma_max is None:                      # resolved once, like real_noise
             self.sigma_max = TASKS[self.task].get("sigma_max", {}).get(self.real_noise, 75.0)
+        if self.restorer not in RESTORERS:
+            bad("restorer", f"is not one of {sorted(RESTORERS)}")
         if self.start == "auto":                        # resolved once, so checkpoints record the choice
             self.start = "shipped" if start_matches(self) else "scratch"
         if self.start == "shipped" and not start_matches(self):
-            bad("start", f"shipped starts exist for task denoise with sigma_max in {sorted(STARTS)} and r_width="
-                         f"{Config.r_width}, r_depth={Config.r_depth} only; use start=scratch or a checkpoint path")
+            bad("start", f"shipped starts exist for task denoise with sigma_max in {sorted(STARTS)} and restorer="
+                         f"{Config.restorer}, r_width={Config.r_width}, r_depth={Config.r_depth} only; use start=scratch or a checkpoint path")
         if self.start not in ("shipped", "scratch") and not os.path.isfile(self.start):
             bad("start", "must be auto, shipped, scratch or the path of an existing checkpoint.pt")
         if self.hinge not in ("batch", "auto", "x0"):
@@ -196,10 +207,10 @@ PRESETS = {
     "gpu": dict(image_size=96, patch_size=64, n_syn=4096, n_real=4096, n_test=128, r_width=32, r_depth=4,
                 d_width=64, d_mults=(1, 2, 4), d_res_blocks=2, steps=6000, batch_size=32, lr=5e-4,
                 ema_decay=0.999, eval_every=1000, log_every=250),
-    # The official network sizes (PAPER.md §9): G depth 4 width 64, eps_theta base 64, mults 1,2,4,8,
+    # The official network sizes (official code: models/net/UNet.py and the guided-diffusion UNet): G depth 4 width 64, eps_theta base 64, mults 1,2,4,8,
     # two residual blocks per level, bottleneck attention, dropout 0.2, 128 px patches, lr 1e-4.
     # Parameters: G 8,559,171 and eps_theta 62,643,075, the same as the official two networks layer for
-    # layer (python dada_min.py --bench --preset paper prints them).
+    # layer (python bench.py --preset paper prints them).
     "paper": dict(image_size=160, patch_size=128, n_syn=1024, n_real=1024, n_test=64, sigma_max=75.0,
                   r_width=64, r_depth=4, d_width=64, d_mults=(1, 2, 4, 8), d_res_blocks=2, d_attn=True,
                   d_dropout=0.2, batch_size=3, lr=1e-4, ema_decay=0.9999, steps=100000, eval_every=5000,
@@ -232,7 +243,7 @@ def start_config(sigma_max):
 def start_matches(cfg):
     """Whether a shipped start fits cfg: denoising, a shipped synthetic range, the cpu-demo restorer sizes."""
     return (cfg.task == "denoise" and cfg.sigma_max in STARTS and os.path.isfile(start_path(cfg.sigma_max))
-            and (cfg.r_width, cfg.r_depth) == (Config.r_width, Config.r_depth))
+            and (cfg.restorer, cfg.r_width, cfg.r_depth) == (Config.restorer, Config.r_width, Config.r_depth))
 
 
 def make_config(preset="cpu-demo", **overrides):
@@ -498,23 +509,30 @@ def shake_blur(y, gen=None):
     return camera_noise(x.clamp(0, 1), gen, shot=(1e-4, 1e-3), read=(1e-7, 1e-5))
 
 
-# task -> its synthetic degradation fn(y, sigma_max, gen) and its built-in real-like ones fn(y, gen); for
-# denoising, each real-like domain also names the synthetic AWGN range it is paired with ("sigma_max"):
+# task -> its synthetic degradation fn(y, gen=None, **params) with "params" the Config fields it reads, and
+# its built-in real-like ones fn(y, gen). A new task is one entry here (its degradations above). For
+# denoising, each real-like domain also names the synthetic AWGN range it is paired with ("sigma_max"; it
+# fills Config.sigma_max when that is None):
 #   white:  sRGB noise of sigma 30-60 against AWGN sigma <= 15. A converged synthetic restorer leaves visible
 #           residual noise on it (the paper's failure mode on real noise), so shrinking high frequencies helps.
 #   camera: Bayer-pipeline noise against the paper's AWGN sigma <= 75. The converged restorer already
 #           over-smooths it, so nothing that only smooths can help: the counter-case.
 # NOTE(simplification): every task works in [0, 1]; the official code uses [-1, 1] for deraining and
-# deblurring (PAPER.md §9.4). Rain and blur draw their strengths from fixed ranges, so their synthetic
-# entries take sigma_max (the AWGN level of denoising) only to share one call signature.
+# deblurring (official code: data/dataset.py). Rain and blur draw their strengths from fixed ranges.
 TASKS = {
-    "denoise": {"synthetic": add_awgn, "real": {"white": white_noise, "camera": camera_noise},
+    "denoise": {"synthetic": add_awgn, "params": ("sigma_max",),
+                "real": {"white": white_noise, "camera": camera_noise},
                 "sigma_max": {"white": 15.0, "camera": 75.0}},
-    "derain": {"synthetic": lambda y, sigma_max=None, gen=None: simple_rain(y, gen),
-               "real": {"layered": layered_rain}},
-    "deblur": {"synthetic": lambda y, sigma_max=None, gen=None: simple_blur(y, gen),
-               "real": {"shake": shake_blur}},
+    "derain": {"synthetic": simple_rain, "params": (), "real": {"layered": layered_rain}},
+    "deblur": {"synthetic": simple_blur, "params": (), "real": {"shake": shake_blur}},
 }
+
+
+def degrade_synthetic(cfg, y, gen=None):
+    """x_syn: clean y (B, 3, H, W) through cfg.task's synthetic degradation, called with its own parameters
+    (the Config fields TASKS[cfg.task]["params"] names: sigma_max for denoising, none for rain and blur)."""
+    task = TASKS[cfg.task]
+    return task["synthetic"](y, gen=gen, **{k: getattr(cfg, k) for k in task["params"]})
 
 
 @dataclass
@@ -552,7 +570,7 @@ def make_data(cfg, device="cpu"):
     data = Data(syn_clean=syn_clean,
                 real_noisy=real_fn(real_clean, gen),
                 real_clean=real_clean,
-                test_syn_noisy=task["synthetic"](test_syn_clean, cfg.sigma_max, gen),
+                test_syn_noisy=degrade_synthetic(cfg, test_syn_clean, gen),
                 test_syn_clean=test_syn_clean,
                 test_real_noisy=real_fn(test_real_clean, gen),
                 test_real_clean=test_real_clean)
@@ -593,7 +611,7 @@ def syn_batch(data, cfg):
         both = random_crops(data.syn_pairs, cfg.batch_size, cfg.patch_size)       # (B, 6, p, p)
         return both[:, :3], both[:, 3:]
     y_syn = random_crops(data.syn_clean, cfg.batch_size, cfg.patch_size)
-    return TASKS[cfg.task]["synthetic"](y_syn, cfg.sigma_max), y_syn
+    return degrade_synthetic(cfg, y_syn), y_syn
 
 
 def real_batch(data, cfg):
@@ -611,207 +629,6 @@ def ref_batch(data, cfg):
     """Unpaired clean images y_c for "Ours-Ex": drawn independently of the synthetic batch (the
     official code's default reference list is the synthetic ground truth, shuffled separately)."""
     return random_crops(data.syn_clean, cfg.batch_size, cfg.patch_size)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Your own data: image files and folders (pillow + numpy only)
-# ----------------------------------------------------------------------------------------------------------
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")   # read and written
-CROPS_PER_IMAGE = 16          # at most this many random image_size crops are kept from one training image
-
-
-def read_image(path):
-    """One image file as a (H, W, 3) float32 array in [0, 1].
-    Grayscale and palette images become RGB; an alpha channel is dropped (the colours are used as
-    stored, not composited); 16-bit grayscale (mode I;16) keeps its full precision, while 16-bit colour
-    PNGs arrive at 8-bit precision (Pillow decodes them so); the EXIF orientation of camera photos is
-    applied, so the array is upright as image viewers show it. A file that cannot be decoded (corrupt,
-    truncated, not an image) raises ValueError naming it."""
-    from PIL import Image, ImageOps
-    try:
-        with Image.open(path) as im:
-            im.load()                                   # decode everything now: a truncated file fails here
-            im = ImageOps.exif_transpose(im)
-            if im.mode.startswith("I"):                 # I;16, I;16B, I: 16-bit integer gray levels
-                gray = np.asarray(im).astype(np.float32) / 65535
-            elif im.mode == "F":                        # 32-bit float gray levels, taken to be in [0, 1]
-                gray = np.asarray(im).astype(np.float32)
-            else:                                       # 8-bit modes: L, P, RGB, RGBA, LA, CMYK, 1, ...
-                return np.asarray(im.convert("RGB")).astype(np.float32) / 255
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path!r}: {e}. Replace or remove this file.") from e
-    return np.repeat(np.clip(gray, 0, 1)[..., None], 3, axis=2)
-
-
-def write_image(path, img):
-    """Save img (3, H, W) in [0, 1] as an 8-bit RGB file in the format its extension names. Written
-    to a temporary file and renamed, so an interrupted write never leaves half an image."""
-    from PIL import Image
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in IMAGE_EXTS:
-        raise ValueError(f"cannot write {path!r}: the file extension must be one of {', '.join(IMAGE_EXTS)}")
-    fmt = Image.registered_extensions()[ext]
-    arr = img.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    Image.fromarray(arr).save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
-    os.replace(tmp, path)
-
-
-def list_images(folder, log=print):
-    """Sorted names of the image files directly inside folder (chosen by extension). Other files and
-    subfolders are skipped with a note; a missing folder or one without images is an error."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"folder {folder!r} does not exist or is not a folder")
-    entries = sorted(os.listdir(folder))
-    images = [n for n in entries if os.path.splitext(n)[1].lower() in IMAGE_EXTS and not n.startswith(".")
-              and os.path.isfile(os.path.join(folder, n))]
-    skipped = sorted(set(entries) - set(images))
-    if skipped:
-        log(f"note: {folder}: skipping {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that are not "
-            f"image files: {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
-    if not images:
-        raise ValueError(f"folder {folder!r} holds no images (looked for {', '.join(IMAGE_EXTS)})")
-    return images
-
-
-def is_paired_folder(folder):
-    return os.path.isdir(os.path.join(folder, "input")) and os.path.isdir(os.path.join(folder, "target"))
-
-
-def paired_names(folder, log=print):
-    """The file names of a paired folder, folder/input/NAME (degraded) + folder/target/NAME (clean).
-    Names that appear on one side only are an error that lists them."""
-    for sub in ("input", "target"):
-        if not os.path.isdir(os.path.join(folder, sub)):
-            raise FileNotFoundError(f"{folder!r} is not a paired folder: {sub}/ is missing (expected "
-                                    f"{folder}/input/NAME and {folder}/target/NAME with the same NAMEs)")
-    inp = list_images(os.path.join(folder, "input"), log)
-    tgt = list_images(os.path.join(folder, "target"), log)
-    only_inp, only_tgt = sorted(set(inp) - set(tgt)), sorted(set(tgt) - set(inp))
-    problems = [f"only in {side}/: {', '.join(v[:10])}{f' ... ({len(v)} in all)' if len(v) > 10 else ''}"
-                for side, v in (("input", only_inp), ("target", only_tgt)) if v]
-    if problems:
-        raise ValueError(f"{folder!r}: input/ and target/ must hold the same file names; " + "; ".join(problems))
-    return inp
-
-
-def read_pair(folder, name):
-    """(input, target) arrays (H, W, 3) of one pair of a paired folder; the two must have one size."""
-    a = read_image(os.path.join(folder, "input", name))
-    b = read_image(os.path.join(folder, "target", name))
-    if a.shape != b.shape:
-        raise ValueError(f"{folder!r}: input/{name} is {a.shape[1]}x{a.shape[0]} px but target/{name} is "
-                         f"{b.shape[1]}x{b.shape[0]} px; the two images of a pair must have one size")
-    return a, b
-
-
-def image_tiles(img, size, n, gen):
-    """Crops (k, C, size, size) of an (H, W, C) array: k = min(n, ceil(H*W / size^2)) crops at random
-    positions (enough to cover the image about once), or one centre crop if n is None. An image with a
-    side below `size` is first upscaled (bicubic, aspect kept) so that side equals size."""
-    x = torch.from_numpy(img).permute(2, 0, 1)                                      # (C, H, W), no copy
-    h, w = x.shape[1:]
-    if min(h, w) < size:
-        s = size / min(h, w)
-        x = F.interpolate(x[None], size=(max(size, round(h * s)), max(size, round(w * s))), mode="bicubic",
-                          align_corners=False)[0].clamp(0, 1)
-        h, w = x.shape[1:]
-    if n is None:
-        oy, ox = [(h - size) // 2], [(w - size) // 2]
-    else:
-        k = min(n, math.ceil(h * w / size ** 2))
-        oy = torch.randint(h - size + 1, (k,), generator=gen).tolist()
-        ox = torch.randint(w - size + 1, (k,), generator=gen).tolist()
-    return torch.stack([x[:, a:a + size, b:b + size] for a, b in zip(oy, ox)])    # copies only the crops
-
-
-def folder_tiles(folder, size, gen, n=CROPS_PER_IMAGE, paired=False, log=print):
-    """All images of a folder as one pool of tiles (N, 3, size, size), or for a paired folder
-    (N, 6, size, size) = cat[input, target] along C (one crop position per pair keeps them aligned).
-    Images are read one at a time and only their crops are kept, so memory follows the pool size."""
-    names = paired_names(folder, log) if paired else list_images(folder, log)
-    tiles, small = [], []
-    for name in names:
-        if paired:
-            img = np.concatenate(read_pair(folder, name), 2)                        # (H, W, 6)
-        else:
-            img = read_image(os.path.join(folder, name))                            # (H, W, 3)
-        if min(img.shape[:2]) < size:
-            small.append(f"{name} ({img.shape[1]}x{img.shape[0]})")
-        tiles.append(image_tiles(img, size, n, gen))
-    if small:
-        log(f"note: {folder}: {len(small)} image(s) smaller than image_size={size} px were upscaled (bicubic) "
-            f"to fit, which also smooths their degradation: {', '.join(small[:5])}{' ...' if len(small) > 5 else ''}")
-    pool = torch.cat(tiles)
-    log(f"{folder}: {len(pool)} tiles of {size}x{size} px from {len(names)} {'pairs' if paired else 'images'}")
-    return pool
-
-
-def load_folder_data(cfg, clean_dir=None, syn_dir=None, real_dir=None, eval_dir=None, device="cpu", log=print):
-    """Data (as make_data returns) from folders of image files; each piece no folder gives comes from
-    the built-in generators.
-    clean_dir: clean images; synthetic inputs are made from them online by the task's synthetic degradation
-    syn_dir:   ready-made synthetic pairs, syn_dir/input/NAME + syn_dir/target/NAME
-    real_dir:  real degraded images without ground truth (a plain folder); or real pairs in the paired
-               layout, of which DA uses only input/ (target/ serves the oracle and the diagnostic)
-    eval_dir:  real pairs (paired layout) for the real test set
-    Training images become up to CROPS_PER_IMAGE random crops of cfg.image_size px each (training then
-    draws random cfg.patch_size patches from those); each evaluation pair becomes one centre crop (the
-    `evaluate` command scores whole images). A corrupt file stops loading with its name."""
-    cfg.validate()
-    for flag, folder in (("clean-dir", clean_dir), ("syn-dir", syn_dir), ("real-dir", real_dir), ("eval-dir", eval_dir)):
-        if folder and not os.path.isdir(folder):                                    # fail before any slow work
-            raise FileNotFoundError(f"--{flag} {folder!r} is not a folder")
-    task, s = TASKS[cfg.task], cfg.image_size
-    gen = torch.Generator().manual_seed(cfg.seed)               # seeds the crops and the offline degradations
-    has_syn = bool(clean_dir or syn_dir)
-    base = None
-    if not (has_syn and real_dir and eval_dir):
-        # built-in pools only for the missing pieces (1 image stands in for the pools a folder replaces)
-        base = make_data(dataclasses.replace(cfg, n_syn=1 if has_syn else cfg.n_syn,
-                                             n_real=1 if real_dir else cfg.n_real,
-                                             n_test=1 if has_syn and eval_dir else cfg.n_test))
-    # synthetic pairs
-    syn_pairs = None
-    if clean_dir:
-        syn_clean = folder_tiles(clean_dir, s, gen, log=log)                        # (N, 3, s, s)
-    if syn_dir:
-        syn_pairs = folder_tiles(syn_dir, s, gen, paired=True, log=log)             # (N, 6, s, s)
-        if clean_dir:
-            # NOTE(simplification): given both folders, the clean images are degraded once here and
-            # join the ready-made pairs, instead of getting fresh synthetic noise at every step.
-            made = torch.cat([task["synthetic"](syn_clean, cfg.sigma_max, gen), syn_clean], 1)
-            syn_pairs = torch.cat([syn_pairs, made])
-        syn_clean = syn_pairs[:, 3:]                                                # a view: no copy
-    if has_syn:
-        # synthetic test set: n_test pool tiles spread over the pool (they are also trained on, so this
-        # measures the fit to the synthetic domain, not generalisation)
-        idx = torch.linspace(0, len(syn_clean) - 1, min(cfg.n_test, len(syn_clean))).long()
-        test_syn_clean = syn_clean[idx]
-        test_syn_noisy = (syn_pairs[idx, :3] if syn_pairs is not None
-                          else task["synthetic"](test_syn_clean, cfg.sigma_max, gen))
-    else:
-        syn_clean, test_syn_noisy, test_syn_clean = base.syn_clean, base.test_syn_noisy, base.test_syn_clean
-    # unpaired real images (and their ground truth, when the folder has it)
-    if real_dir and is_paired_folder(real_dir):
-        both = folder_tiles(real_dir, s, gen, paired=True, log=log)
-        real_noisy, real_clean = both[:, :3], both[:, 3:]
-    elif real_dir:
-        real_noisy, real_clean = folder_tiles(real_dir, s, gen, log=log), None
-    else:
-        real_noisy, real_clean = base.real_noisy, base.real_clean
-    # the real test set
-    if eval_dir:
-        both = folder_tiles(eval_dir, s, gen, n=None, paired=True, log=log)
-        test_real_noisy, test_real_clean = both[:, :3], both[:, 3:]
-    else:
-        test_real_noisy, test_real_clean = base.test_real_noisy, base.test_real_clean
-    builtin = f"built-in ({cfg.task}, real-like domain {cfg.real_noise})"
-    log(f"data: synthetic <- {' + '.join(d for d in (clean_dir, syn_dir) if d) or builtin}; "
-        f"real <- {real_dir or builtin}; real test set <- {eval_dir or builtin}")
-    return Data(syn_clean=syn_clean, real_noisy=real_noisy, real_clean=real_clean, test_syn_noisy=test_syn_noisy,
-                test_syn_clean=test_syn_clean, test_real_noisy=test_real_noisy, test_real_clean=test_real_clean,
-                syn_pairs=syn_pairs).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -873,8 +690,9 @@ def gamma_embedding(gamma, dim, max_period=10000):
 
 
 def norm(c):
-    """GroupNorm with 32 groups, as the official denoiser, but never fewer than 2 channels per group: at
-    dada-min's widths (16, 32) 32 groups would be InstanceNorm; at c >= 64 this is exactly GroupNorm(32, c)."""
+    """GroupNorm with 32 groups, as the official denoiser, but never fewer than 2 channels per group.
+    NOTE(simplification): at dada-min's widths (16, 32) 32 groups would be InstanceNorm, so narrow layers get
+    c/2 groups; at c >= 64 this is exactly GroupNorm(32, c)."""
     return nn.GroupNorm(min(32, c // 2), c)
 
 
@@ -982,9 +800,16 @@ class ConditionalDenoiser(nn.Module):
         return self.out(h)                                                          # eps_hat: (B, 3, H, W)
 
 
+# cfg.restorer -> a function(cfg) that builds G. A new restorer is one entry here: any nn.Module whose forward
+# returns the residual R(x) (same shape as x), with a .depth attribute (restore() pads to 2^(depth-1)) and no
+# batch statistics (train_step restores both domains in one batched pass). Checkpoints record the name, so
+# load_restorer rebuilds the right network. (train(G=module) trains a one-off module without an entry.)
+RESTORERS = {"unet": lambda cfg: RestorerUNet(cfg.r_width, cfg.r_depth)}
+
+
 def make_networks(cfg):
     """G and eps_theta as the config describes them (on the CPU, in float32)."""
-    G = RestorerUNet(cfg.r_width, cfg.r_depth)
+    G = RESTORERS[cfg.restorer](cfg)
     D = ConditionalDenoiser(cfg.d_width, tuple(cfg.d_mults), cfg.d_res_blocks, cfg.d_attn, cfg.d_dropout)
     return G, D
 
@@ -994,7 +819,7 @@ def n_params(model):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Noise schedule (DDPM), PAPER.md §3.1
+# Noise schedule (DDPM), the forward process of Sec. 3
 # ----------------------------------------------------------------------------------------------------------
 class NoiseSchedule(nn.Module):
     """Linear betas, computed in float64 and stored as float32 buffers (so .to(device) moves them and
@@ -1150,74 +975,6 @@ def condition_pair(which, y_syn_hat, y_real_hat):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Baselines: feature-space DA (DANN) and pixel-space DA, in their simplest form (Tables 1-3 in miniature)
-# ----------------------------------------------------------------------------------------------------------
-# NOTE(simplification): the paper retrains published DANN / PixelDA models; these are the smallest versions
-# of the two ideas that share G, the data, the one Adam optimiser, the step budget and the weight ramp
-# alpha(step) with DA, so the comparison isolates WHERE the domains are aligned (features, pixels, noise).
-# Both play their minimax game through a gradient-reversal layer, so they fit the same one-backward loop:
-# the critic minimises its classification loss while G, receiving the reversed gradient, maximises it.
-class GradReverse(torch.autograd.Function):
-    """Identity on the way forward; multiplies the gradient by -lam on the way back (Ganin & Lempitsky)."""
-
-    @staticmethod
-    def forward(ctx, x, lam):
-        ctx.lam = lam
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.lam * grad, None
-
-
-def make_critic(cfg):
-    """The adversary of an ADVERSARIAL method (None for the others), sized from the restorer's width.
-    dann:     domain classifier on G's bottleneck features (B, C, h, w) -> per-location logits (B, 1, h, w),
-              "is this location from a synthetic input?"
-    pixel_da: PatchGAN-style discriminator on images (B, 3, p, p) -> per-patch logits (B, 1, p/4, p/4),
-              "is this patch a clean image?" (each logit sees an 18 px window: enough for noise texture)"""
-    act = nn.LeakyReLU(0.2)
-    if cfg.method == "dann":
-        c = cfg.r_width * 2 ** (cfg.r_depth - 1)                                    # bottleneck channels
-        return nn.Sequential(conv3(c, c), act, nn.Conv2d(c, 1, 1))
-    if cfg.method == "pixel_da":
-        w = cfg.r_width
-        return nn.Sequential(nn.Conv2d(3, w, 4, 2, 1), act, nn.Conv2d(w, 2 * w, 4, 2, 1), act, conv3(2 * w, 1))
-    return None
-
-
-def bce_logits(logits, label):
-    """Binary cross-entropy of logits against a constant label (0. or 1.)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), label))
-
-
-def adversarial_loss(method, G, critic, x_syn, y_syn, x_real, lam):
-    """L_Res + the critic's loss, with the critic's input passed through gradient reversal (weight lam).
-    dann:     the critic tells synthetic (label 1) from real (label 0) bottleneck features of G; reversed,
-              this makes G's features domain-invariant (feature-space DA).
-    pixel_da: the critic tells clean synthetic targets y_syn (label 1) from restored real outputs
-              y_real_hat (label 0); reversed, this makes restored real images look clean (pixel-space DA;
-              NOTE(simplification): no image-to-image translation network as in PixelDA / CycleGAN, the
-              restorer itself is the generator, as in output-space adaptation).
-    Returns (loss, parts)."""
-    B = x_syn.shape[0]
-    if method == "dann":
-        r, feats = G(torch.cat([x_syn, x_real]), return_features=True)             # (2B, 3, p, p), (2B, C, h, w)
-        # the critic sees layer-normalised features: otherwise G "wins" the game by inflating their scale
-        # without bound (G has no normalisation layers) and training diverges
-        feats = F.layer_norm(feats.float(), feats.shape[1:])
-        logits = critic(GradReverse.apply(feats, lam))                              # (2B, 1, h, w)
-        adv = (bce_logits(logits[:B], 1.0) + bce_logits(logits[B:], 0.0)) / 2
-        r_syn = r[:B].float()
-    else:
-        r_syn, r_real = G(torch.cat([x_syn, x_real])).float().chunk(2)              # residuals R_syn, R_real
-        y_real_hat = x_real + r_real
-        adv = (bce_logits(critic(y_syn), 1.0) + bce_logits(critic(GradReverse.apply(y_real_hat, lam)), 0.0)) / 2
-    loss_res = charbonnier(x_syn + r_syn, y_syn)                                    # L_Res on synthetic pairs
-    return loss_res + adv, {"loss_res": loss_res.detach(), "loss_adv": adv.detach(), "alpha": lam}
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Training: Algorithm A (DA), B (Ours-Ex), vanilla and oracle in one explicit loop
 # ----------------------------------------------------------------------------------------------------------
 def pick_device(name="auto"):
@@ -1273,6 +1030,18 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+# Methods from other modules plug in here (baselines.py is the example). register_method(name, loss, make_net)
+# adds `name` to METHODS as a method without the diffusion loss; train_step then calls
+# loss(state, data, G, x_syn, y_syn) -> (loss, parts) inside autocast, and make_net(cfg), if given, builds
+# one extra network (state.critic) right after G and eps_theta, trained by the same Adam, saved in checkpoints.
+PLUGINS = {}                          # name -> (loss, make_net)
+
+
+def register_method(name, loss, make_net=None):
+    METHODS[name] = (False, False, False, None, None)
+    PLUGINS[name] = (loss, make_net)
+
+
 @dataclass
 class TrainState:
     """Everything a training run produces and a checkpoint holds."""
@@ -1285,7 +1054,7 @@ class TrainState:
     step: int = 0
     history: dict = field(default_factory=dict)
     scaler: object = None             # torch.amp.GradScaler for fp16 on CUDA, else None (fp32 and bf16)
-    critic: nn.Module = None          # the adversary of the ADVERSARIAL baselines (None for the other methods)
+    critic: nn.Module = None          # a plugged-in method's extra network (PLUGINS; None for the others)
     gap_mean: torch.Tensor = None     # hinge=auto: running mean of MSE(neg) - MSE(pos), the adaptive margin
 
 
@@ -1307,8 +1076,8 @@ def init_state(cfg, device, fast=True, G=None):
     switches, _ = fast_path(device)
     if fast and switches["channels_last"]:                                          # faster convs on tensor cores
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    critic = make_critic(cfg)
-    critic = critic.to(device) if critic is not None else None
+    _, make_net = PLUGINS.get(cfg.method, (None, None))
+    critic = make_net(cfg).to(device) if make_net else None
     uses_diffusion = METHODS[cfg.method][0]
     params = list(G.parameters()) + (list(D.parameters()) if uses_diffusion else [])
     params += list(critic.parameters()) if critic is not None else []
@@ -1333,7 +1102,7 @@ def ema_update(ema, model, decay):
 
 
 def train_step(state, data, gmodels=None):
-    """One step of the training algorithm (PAPER.md §7, Algorithm A; B for da_ex). Returns a dict of
+    """One step of the training algorithm (Algorithm A; B for da_ex; see the module docstring). Returns a dict of
     detached loss tensors (no host synchronisation here: .item() happens only when logging)."""
     cfg, s = state.cfg, state
     G, D = gmodels or (s.G, s.D)                                                    # possibly compiled copies
@@ -1346,14 +1115,7 @@ def train_step(state, data, gmodels=None):
     else:
         x_syn, y_syn = syn_batch(data, cfg)                                         # (B, 3, p, p) each
     with autocast(device, amp_dtype):
-        if cfg.method in ADVERSARIAL:                                               # the simplified baselines
-            lam = alpha_ramp(s.step, cfg.ramp_frac * cfg.steps, cfg.alpha_max)     # same ramp as DA's alpha
-            loss, parts = adversarial_loss(cfg.method, G, s.critic, x_syn, y_syn, real_batch(data, cfg), lam)
-        elif not uses_diffusion:
-            y_syn_hat = x_syn + G(x_syn)
-            loss_res = charbonnier(y_syn_hat.float(), y_syn)                        # L_Res
-            loss, parts = loss_res, {"loss_res": loss_res.detach()}
-        else:
+        if uses_diffusion:                                                          # the paper's path
             x_real = real_batch(data, cfg)
             # line 2: restore both domains with the same G (one batched pass; G has no batch statistics)
             r_syn, r_real = G(torch.cat([x_syn, x_real])).float().chunk(2)          # residuals R_syn, R_real
@@ -1377,6 +1139,12 @@ def train_step(state, data, gmodels=None):
             if contrast and cfg.hinge == "auto":                                    # on the device: no sync
                 g = dparts["gap"].float()
                 s.gap_mean = g if s.gap_mean is None else torch.lerp(s.gap_mean, g, 0.01)
+        elif cfg.method in PLUGINS:                                                 # e.g. baselines.py
+            loss, parts = PLUGINS[cfg.method][0](s, data, G, x_syn, y_syn)
+        else:                                                                       # vanilla and oracle
+            y_syn_hat = x_syn + G(x_syn)
+            loss_res = charbonnier(y_syn_hat.float(), y_syn)                        # L_Res
+            loss, parts = loss_res, {"loss_res": loss_res.detach()}
     # line 8: one optimiser step over both networks, then the EMA of G
     s.opt.zero_grad(set_to_none=True)
     if s.scaler is None:                                                            # fp32 and bf16
@@ -1659,7 +1427,7 @@ def load_restorer(path, device="cpu"):
     """(G_ema, config) from a checkpoint, ready for restore()."""
     blob = read_checkpoint(path)
     cfg = config_from_dict(blob["config"])
-    G = RestorerUNet(cfg.r_width, cfg.r_depth)
+    G = RESTORERS[cfg.restorer](cfg)
     G.load_state_dict(blob["restorer_ema"])
     return G.to(device).eval(), cfg
 
@@ -1676,73 +1444,6 @@ def restore(G, x):
     ph, pw = (-H) % m, (-W) % m
     xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
     return (xp + G(xp))[..., :H, :W].clamp(0, 1)
-
-
-def ramp(n, overlap):
-    """(n,) blending weights of a tile: rising linearly over `overlap` px from each end, 1 in between."""
-    i = torch.arange(n, dtype=torch.float32) + 0.5
-    return (torch.minimum(i, n - i) / overlap).clamp(max=1)
-
-
-@torch.no_grad()
-def restore_tiled(G, x, tile=512, overlap=32):
-    """restore() for images of any size in bounded memory: G only ever sees tiles of at most tile x tile
-    px, which overlap by at least `overlap` px; where they overlap they are blended with linear ramps,
-    so no seams show. x: (B, 3, H, W) on the CPU (the whole image stays there; tiles go to G's device)
-    -> (B, 3, H, W) on the CPU."""
-    if tile <= 2 * overlap:
-        raise ValueError(f"tile ({tile} px) must be more than twice the overlap ({overlap} px)")
-    device = next(G.parameters()).device
-    H, W = x.shape[-2:]
-    if H <= tile and W <= tile:
-        return restore(G, x.to(device)).cpu()
-
-    def starts(n):                                       # tile origins covering 0..n with >= overlap shared px
-        return [0] if n <= tile else list(range(0, n - tile, tile - overlap)) + [n - tile]
-    h, w = min(tile, H), min(tile, W)
-    weight = ramp(h, overlap)[:, None] * ramp(w, overlap)[None, :]                   # (h, w)
-    out = torch.zeros(x.shape)                                                      # sum of weighted tiles
-    total = torch.zeros(H, W)                                                       # sum of weights
-    for top in starts(H):
-        for left in starts(W):
-            y = restore(G, x[..., top:top + h, left:left + w].to(device)).cpu()    # (B, 3, h, w)
-            out[..., top:top + h, left:left + w] += weight * y
-            total[top:top + h, left:left + w] += weight
-    return out / total
-
-
-def restore_files(ckpt, inp, output, force=False, tile=512, device="auto", log=print):
-    """The `restore` command: restore one image file, or every image of a folder, with the restorer of a
-    checkpoint. inp is a file (output: a file path, or an existing folder to write into) or a folder
-    (output: a folder; each result keeps its input's name). The output format follows the output's
-    extension; the size is the input's. Existing outputs are only replaced when force is set.
-    Returns the written paths."""
-    G, cfg = load_restorer(ckpt, pick_device(device))
-    log(f"restorer from {ckpt}: task {cfg.task}, method {cfg.method}, {n_params(G):,} parameters")
-    if os.path.isdir(inp):
-        if os.path.isfile(output):
-            raise ValueError(f"--input {inp!r} is a folder, so --output must be a folder, but {output!r} is a file")
-        jobs = [(os.path.join(inp, n), os.path.join(output, n)) for n in list_images(inp, log)]
-    elif os.path.isfile(inp):
-        jobs = [(inp, os.path.join(output, os.path.basename(inp)) if os.path.isdir(output) else output)]
-    else:
-        raise FileNotFoundError(f"--input {inp!r} does not exist")
-    for _, dst in jobs:                                  # check everything before the first (slow) image
-        if os.path.splitext(dst)[1].lower() not in IMAGE_EXTS:
-            raise ValueError(f"cannot write {dst!r}: give an output file ending in one of {', '.join(IMAGE_EXTS)} "
-                             "(or an existing folder)")
-    existing = [dst for _, dst in jobs if os.path.exists(dst)]
-    if existing and not force:
-        raise FileExistsError(f"refusing to overwrite {len(existing)} existing file(s): {', '.join(existing[:5])}"
-                              f"{' ...' if len(existing) > 5 else ''}; pass --force to replace them")
-    for src, dst in jobs:
-        t0 = time.time()
-        x = torch.from_numpy(read_image(src)).permute(2, 0, 1)[None]               # (1, 3, H, W)
-        y = restore_tiled(G, x, tile)
-        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-        write_image(dst, y[0])
-        log(f"{src} -> {dst} ({x.shape[-1]}x{x.shape[-2]} px, {time.time() - t0:.1f} s)")
-    return [dst for _, dst in jobs]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1762,7 +1463,9 @@ def quantize_8bit(x):
 
 
 def psnr(x, y, y_channel=False):
-    """Per-image PSNR in dB for [0, 1] images (B, C, H, W) -> (B,)."""
+    """Per-image PSNR in dB for [0, 1] images (B, C, H, W) -> (B,).
+    NOTE(simplification): PSNR and SSIM are computed in PyTorch, on RGB unless y_channel=True; the paper
+    scores SIDD with MATLAB and SPA on the Y channel."""
     if y_channel:
         x, y = rgb_to_y(x), rgb_to_y(y)
     mse = ((x - y) ** 2).flatten(1).mean(1)
@@ -1825,34 +1528,8 @@ def evaluate_pools(G, data):
     return {"syn_psnr": s["psnr"], "syn_ssim": s["ssim"], "real_psnr": r["psnr"], "real_ssim": r["ssim"]}
 
 
-def evaluate_folder(G, folder, tile=512, log=print):
-    """Score G on every pair of a paired folder (folder/input/NAME, folder/target/NAME), on whole images
-    restored as the restore command does and rounded to 8 bits, as the files it writes. Returns
-    {"mean_psnr", "mean_ssim", "input_mean_psnr", "input_mean_ssim",
-     "per_image": [{"name", "psnr", "ssim", "input_psnr", "input_ssim"}, ...]}."""
-    rows = []
-    for name in paired_names(folder, log):
-        x, y = (torch.from_numpy(a).permute(2, 0, 1)[None] for a in read_pair(folder, name))  # (1, 3, H, W)
-        out = quantize_8bit(restore_tiled(G, x, tile))                             # what restore would write
-        rows.append({"name": name, "psnr": psnr(out, y).item(), "ssim": ssim(out, y).item(),
-                     "input_psnr": psnr(x, y).item(), "input_ssim": ssim(x, y).item()})
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("psnr", "ssim", "input_psnr", "input_ssim")}
-    return {"mean_psnr": mean["psnr"], "mean_ssim": mean["ssim"], "input_mean_psnr": mean["input_psnr"],
-            "input_mean_ssim": mean["input_ssim"], "per_image": rows}
-
-
-def folder_table(r):
-    """evaluate_folder's results as a text table: one row per image, then the means."""
-    lines = [f"{'image':30s} {'input PSNR':>10s} {'input SSIM':>10s} {'PSNR':>8s} {'SSIM':>8s}"]
-    for row in r["per_image"] + [{"name": "mean", **{k: r[f"mean_{k}"] for k in ("psnr", "ssim")},
-                                  **{f"input_{k}": r[f"input_mean_{k}"] for k in ("psnr", "ssim")}}]:
-        lines.append(f"{row['name'][:30]:30s} {row['input_psnr']:10.2f} {row['input_ssim']:10.4f} "
-                     f"{row['psnr']:8.2f} {row['ssim']:8.4f}")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Experiments: the demo
+# The demo: vanilla vs DA vs oracle on the same built-in data
 # ----------------------------------------------------------------------------------------------------------
 def demo(cfg, out="runs/demo", log=print):
     """Train vanilla, DA and the oracle on the same built-in data, then print and save a comparison:
@@ -1890,218 +1567,6 @@ def demo(cfg, out="runs/demo", log=print):
     log("\n" + results_table(results))
     log(f"\nwrote {out}/results.json and {out}/demo.png in {results['seconds']:.0f} s")
     return results
-
-
-# name -> function(cfg, out, quick) -> results dict; each writes out/NAME.json and at least one PNG
-EXPERIMENTS = {}
-
-
-def experiment(fn=None, *, size=None, quick=None):
-    """Register fn as `python dada_min.py --experiment NAME` (NAME = fn's name without 'exp_').
-    size:  config fields its default run changes from the cpu-demo preset so that it finishes in <= 10 min
-           on 2 CPU cores (used only with the cpu-demo preset; --field flags still win)
-    quick: config fields its --quick run changes from the tiny preset (seconds; used by the tests)
-    Use as @experiment or @experiment(size=..., quick=...)."""
-    def register(f):
-        f.size, f.quick = dict(size or {}), dict(quick or {})
-        EXPERIMENTS[f.__name__.removeprefix("exp_")] = f
-        return f
-    return register(fn) if fn is not None else register
-
-
-NOISE_LEVELS = (0.95, 0.7, 0.3, 0.05)   # gamma = alphas_cumprod values at which the diagnostic is read
-GAP_LEVELS = (0.99999, 0.9999, 0.999, 0.99, 0.95, 0.7, 0.3, 0.05)   # ... and the RS gap (t from ~1 to ~900)
-VAL_SEED = 100                          # the validation pool: seed 100's built-in data, used by no reported run
-
-
-def diagnostic_draws(state, data, draws=64, n_real=32):
-    """The mechanism diagnostic (mechanism_diagnostic) averaged over `draws` draws of (synthetic partner,
-    eps, gamma) for each of n_real fixed real-like test crops, so its sign is not sampling noise."""
-    c = dataclasses.replace(state.cfg, batch_size=n_real)
-    x_real, y_real = real_pairs_batch(data, c)                                       # (n_real, 3, p, p) each
-    return float(np.mean([mechanism_diagnostic(state, *syn_batch(data, c), x_real, y_real, draws=1)
-                          for _ in range(draws)]))
-
-
-@torch.no_grad()
-def contrast_gap_by_gamma(state, data, draws=16):
-    """The per-noise-level view of the RS term: at each gamma in GAP_LEVELS, the mean over samples (and
-    `draws` draws) of the per-sample noise-MSE gap MSE(eps, eps_neg) - MSE(eps, eps_pos), and the same gap
-    in image units, times (1 - gamma) / gamma (what x0_hinge compares with its margin). A batch-mean hinge
-    of margin m is inactive whenever the batch's mean noise gap exceeds m."""
-    cfg, G, D, sched = state.cfg, state.G, state.D, state.schedule
-    was_training = D.training
-    D.eval()
-    out = {}
-    for g in GAP_LEVELS:
-        gaps = []
-        for _ in range(draws):
-            x_syn, y_syn = syn_batch(data, cfg)
-            x_real = real_batch(data, cfg)
-            r_syn, r_real = G(torch.cat([x_syn, x_real])).float().chunk(2)
-            gamma = torch.full((x_syn.shape[0],), g, device=x_syn.device)
-            eps = torch.randn_like(y_syn)
-            y_t = sched.q_sample(y_syn, gamma, eps)
-            pos = D(torch.cat([y_t, *channel_shuffle(x_syn + r_syn, x_real + r_real)[:2]], 1), gamma).float()
-            neg = D(torch.cat([y_t, *channel_shuffle(*residual_swap(x_syn, r_syn, x_real, r_real))[:2]], 1),
-                    gamma).float()
-            gaps.append((((neg - eps) ** 2) - ((pos - eps) ** 2)).flatten(1).mean(1))  # (B,)
-        gap = torch.cat(gaps).mean().item()
-        out[str(g)] = {"noise_gap": gap, "x0_gap": gap * (1 - g) / g}
-    D.train(was_training)
-    return out
-
-
-def effect_variants(live):
-    """The rows of --experiment effect: label -> config overrides. live: the (hinge, margin) of the
-    'DA, live hinge' row, chosen on the validation pool (select_live_hinge)."""
-    return {"vanilla": dict(method="vanilla"),
-            "da": dict(method="da"),                                                 # the official hinge, 0.1
-            "da_live": dict(method="da", hinge=live[0], margin=live[1]),
-            "no_contrast": dict(method="no_contrast"),
-            "only_real": dict(method="only_real"),
-            "oracle": dict(method="oracle")}
-
-
-# Pre-registered candidates for the live RS hinge (see docs/effect.md): a batch hinge whose margin follows
-# the measured gap, and the per-sample x0 hinge at two margins.
-LIVE_CANDIDATES = (("auto", 0.1), ("x0", 1e-3), ("x0", 1e-2))
-
-
-def run_variant(cfg, data, draws=64, log=lambda s: None):
-    """Train one row of the effect table and measure it: test metrics, HF ratio of the real-like outputs,
-    the hinge-active fraction over training, the diagnostic over `draws` draws and the per-level RS gap."""
-    state = train(cfg, data, log=log)
-    m = evaluate_pools(state.G_ema, data)
-    m["real_hf"] = hf_ratio(restore(state.G_ema.eval(), data.test_real_noisy), data.test_real_clean)
-    h = state.history
-    m["curve"] = {"step": h["eval_step"], "real_psnr": h["real_psnr"], "syn_psnr": h["syn_psnr"],
-                  "hinge_active_frac": h["hinge_active_frac"], "neg_pos_gap": h["neg_pos_gap"]}
-    _, _, contrast = METHODS[cfg.method][:3]
-    m["hinge_active_frac"] = float(np.mean(h["hinge_active_frac"])) if contrast else None
-    if METHODS[cfg.method][0]:
-        m["diag"] = diagnostic_draws(state, data, draws)
-    if contrast:
-        m["gap_by_gamma"] = contrast_gap_by_gamma(state, data, max(1, draws // 4))
-    return m
-
-
-def select_live_hinge(cfg, domain="white", log=print):
-    """The selection rule, fixed before any test-pool run: on the validation pool (VAL_SEED), train vanilla
-    and DA with each LIVE_CANDIDATES hinge; keep the candidate with the highest real-like PSNR among those
-    whose synthetic PSNR is within 0.2 dB of vanilla's (if none is, the highest real-like PSNR).
-    Returns (choice, table)."""
-    c = dataclasses.replace(cfg, seed=VAL_SEED, real_noise=domain, sigma_max=None, start="auto").validate()
-    data = make_data(c, pick_device(c.device))
-    base = evaluate_pools(train(dataclasses.replace(c, method="vanilla"), data, log=lambda s: None).G_ema, data)
-    rows = []
-    for hinge, margin in LIVE_CANDIDATES:
-        m = evaluate_pools(train(dataclasses.replace(c, method="da", hinge=hinge, margin=margin), data,
-                                 log=lambda s: None).G_ema, data)
-        rows.append({"hinge": hinge, "margin": margin, "real_psnr": m["real_psnr"], "syn_psnr": m["syn_psnr"],
-                     "syn_ok": m["syn_psnr"] >= base["syn_psnr"] - 0.2})
-        log(f"[select] {hinge} margin {margin:g}: validation real {m['real_psnr']:.2f} syn {m['syn_psnr']:.2f} "
-            f"(vanilla {base['real_psnr']:.2f} / {base['syn_psnr']:.2f})")
-    pool = [r for r in rows if r["syn_ok"]] or rows
-    best = max(pool, key=lambda r: r["real_psnr"])
-    return (best["hinge"], best["margin"]), {"vanilla": base, "candidates": rows}
-
-
-@experiment(size=dict(steps=600, eval_every=100, log_every=300),
-            quick=dict(steps=6, eval_every=3, log_every=6))
-def exp_effect(cfg, out, quick, log=print):
-    """Does noise-space adaptation help at this scale, and when? For each built-in denoising domain (white:
-    the paper's failure mode, camera: the counter-case) and seed, all rows continue from the same start (the
-    shipped converged restorer where one fits) for the same steps: vanilla, DA (official hinge), DA with a
-    live hinge (chosen on the validation pool), no contrast (CS only), only real, oracle. Before any
-    training, the shrinkage test on the start predicts the sign. Writes out/effect.json and out/effect.png."""
-    t0, c0 = time.time(), time.process_time()
-    os.makedirs(out, exist_ok=True)
-    device = pick_device(cfg.device)
-    seeds = exp_seeds(cfg, quick)
-    live, selection = ((LIVE_CANDIDATES[-1], None) if quick else select_live_hinge(cfg, log=log))
-    variants = effect_variants(live)
-    res = {"experiment": "effect", "seeds": seeds, "config": dataclasses.asdict(cfg), "live_hinge": list(live),
-           "selection": selection, "domains": {}}
-    for domain in TASKS["denoise"]["real"]:
-        runs, pred = {v: [] for v in variants}, []
-        for seed in seeds:
-            c = dataclasses.replace(cfg, seed=seed, real_noise=domain, sigma_max=None, start="auto").validate()
-            if not quick and c.sigma_max in STARTS and not os.path.isfile(start_path(c.sigma_max)):
-                raise FileNotFoundError(f"no shipped start for {domain} (sigma_max {c.sigma_max:g}) at "
-                                        f"{start_path(c.sigma_max)}: run `python dada_min.py --make-start`")
-            data = make_data(c, device)
-            G0 = init_state(c, device).G_ema.eval()                                 # the start every row shares
-            y0 = restore(G0, data.test_real_noisy)
-            p0 = psnr(quantize_8bit(y0), data.test_real_clean).mean().item()
-            pred.append({"start_real_psnr": p0, "start_syn_psnr": evaluate_pools(G0, data)["syn_psnr"],
-                         "start_real_hf": hf_ratio(y0, data.test_real_clean),
-                         **{f"shrink_{lam}": psnr(quantize_8bit(shrink_hf(y0, lam)), data.test_real_clean).mean().item() - p0
-                            for lam in (0.1, 0.3)}})
-            for v, over in variants.items():
-                m = run_variant(dataclasses.replace(c, **over), data, draws=2 if quick else 64)
-                runs[v].append(m)
-                log(f"[effect] {domain} seed {seed} {v:12s} syn {m['syn_psnr']:.2f} real {m['real_psnr']:.2f} "
-                    f"HF {m['real_hf']:.2f}" + (f" diag {m['diag']:+.3f}" if "diag" in m else "")
-                    + (f" hinge active {m['hinge_active_frac']:.0%}" if m["hinge_active_frac"] is not None else "")
-                    + f"  ({time.time() - t0:.0f} s)")
-        van, ora = runs["vanilla"], runs["oracle"]
-        summary = {}
-        for v, rs in runs.items():
-            row = {k: mean_std([r[k] for r in rs]) for k in ("real_psnr", "syn_psnr", "real_hf")}
-            row["real_gain_db"] = mean_std([r["real_psnr"] - a["real_psnr"] for r, a in zip(rs, van)])
-            row["syn_change_db"] = mean_std([r["syn_psnr"] - a["syn_psnr"] for r, a in zip(rs, van)])
-            row["gap_closed"] = mean_std([(r["real_psnr"] - a["real_psnr"]) / (o["real_psnr"] - a["real_psnr"])
-                                          for r, a, o in zip(rs, van, ora)])
-            for k in ("hinge_active_frac", "diag"):
-                if rs[0].get(k) is not None:
-                    row[k] = mean_std([r[k] for r in rs])
-            summary[v] = row
-        res["domains"][domain] = {"prediction": {k: mean_std([p[k] for p in pred]) for k in pred[0]},
-                                  "summary": summary, "runs": runs}
-    # the issue's targets, checked on the means (gap closed on white, level on camera)
-    w, cam = res["domains"]["white"]["summary"], res["domains"]["camera"]["summary"]
-    res["targets"] = {v: {"white_gap_closed_ge_0.4": w[v]["gap_closed"]["mean"] >= 0.4,
-                          "white_syn_within_0.2": abs(w[v]["syn_change_db"]["mean"]) <= 0.2,
-                          "camera_within_0.1": abs(cam[v]["real_gain_db"]["mean"]) <= 0.1} for v in ("da", "da_live")}
-    log("\n" + effect_table(res))
-    _plot_effect(os.path.join(out, "effect.png"), res)
-    return finish("effect", out, res, t0, c0, log)
-
-
-def effect_table(res):
-    """The effect experiment as a Markdown table (the README's table is this output)."""
-    lines = [f"live hinge: {res['live_hinge'][0]}, margin {res['live_hinge'][1]:g} (chosen on the validation pool); "
-             f"mean ± std over seeds {res['seeds']}"]
-    for d, r in res["domains"].items():
-        p = r["prediction"]
-        lines += ["", f"**{d}**: start real {fmt(p['start_real_psnr'])} dB, syn {fmt(p['start_syn_psnr'])} dB, "
-                      f"HF ratio {fmt(p['start_real_hf'])}; shrinkage test lam 0.1: {fmt(p['shrink_0.1'])} dB, "
-                      f"lam 0.3: {fmt(p['shrink_0.3'])} dB", "",
-                  "| row | real PSNR | gain vs vanilla | gap closed | syn PSNR | syn change | real HF | hinge active | diagnostic |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for v, s in r["summary"].items():
-            opt = [fmt(s[k], 3 if k == "diag" else 2) if k in s else "–" for k in ("hinge_active_frac", "diag")]
-            lines.append(f"| {v} | {fmt(s['real_psnr'])} | {fmt(s['real_gain_db'])} | {fmt(s['gap_closed'])} | "
-                         f"{fmt(s['syn_psnr'])} | {fmt(s['syn_change_db'])} | {fmt(s['real_hf'])} | {opt[0]} | {opt[1]} |")
-    return "\n".join(lines)
-
-
-def _plot_effect(path, res):
-    """Real-like PSNR over training for every row (mean over seeds), one panel per domain."""
-    plt = pyplot()
-    doms = list(res["domains"])
-    fig, axes = plt.subplots(1, len(doms), figsize=(5 * len(doms), 3.6), squeeze=False)
-    for ax, d in zip(axes[0], doms):
-        for v, runs in res["domains"][d]["runs"].items():
-            curves = np.array([r["curve"]["real_psnr"] for r in runs])              # (seeds, evaluations)
-            ax.plot(runs[0]["curve"]["step"], curves.mean(0), marker="o", ms=3, label=v)
-        ax.axhline(res["domains"][d]["prediction"]["start_real_psnr"]["mean"], color="k", ls=":", lw=1, label="start")
-        ax.set_title(f"real-like domain: {d}", fontsize=9), ax.set_xlabel("training step from the start")
-        ax.set_ylabel("real-like PSNR (dB)"), ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def results_table(r):
@@ -2145,562 +1610,6 @@ def save_comparison_figure(path, data, models, n=4):
     plt.close(fig)
 
 
-def write_example_folders(root, task="denoise", n_clean=200, n_real=200, n_eval=32, size=96, seed=0,
-                          force=False, log=print):
-    """Folders of PNG files made by the built-in generators and laid out as your own data would be, so
-    the own-data commands of the README run without downloading anything:
-        root/clean/NNNN.png                   clean images (the synthetic pairs are made from them)
-        root/real/NNNN.png                    real-like degraded images, without ground truth
-        root/eval/input/NNNN.png, eval/target real-like pairs, for evaluation only
-    The three sets show different clean images; the degradation is the task's first real-like domain."""
-    if os.path.isdir(root) and os.listdir(root) and not force:
-        raise FileExistsError(f"{root!r} is not empty; pass force=True to write into it anyway")
-    gen = torch.Generator().manual_seed(seed)
-    real_fn = next(iter(TASKS[task]["real"].values()))
-    clean = dead_leaves(n_clean + n_real + n_eval, size, gen)                       # (N, 3, size, size)
-    c, r, e = clean.split([n_clean, n_real, n_eval])
-    for sub, imgs in {"clean": c, "real": real_fn(r, gen), "eval/input": real_fn(e, gen), "eval/target": e}.items():
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
-        for i, img in enumerate(imgs):
-            write_image(os.path.join(root, sub, f"{i:04d}.png"), img)
-    log(f"wrote {n_clean} clean, {n_real} real-like and {n_eval} evaluation pairs of {size}x{size} px to {root}")
-
-
-def save_task_figure(path, size=64, seed=0):
-    """One row per task: a clean built-in image, its synthetic degradation and each built-in real-like
-    one, with the PSNR of each against the clean image. `python -c "import dada_min as dm;
-    dm.save_task_figure('docs/tasks.png')"` makes the README's figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    gen = torch.Generator().manual_seed(seed)
-    n_cols = 2 + max(len(t["real"]) for t in TASKS.values())
-    fig, axes = plt.subplots(len(TASKS), n_cols, figsize=(2.2 * n_cols, 2.4 * len(TASKS)), squeeze=False)
-    for i, (task, fns) in enumerate(TASKS.items()):
-        y = dead_leaves(1, size, gen)                                               # (1, 3, size, size)
-        cols = [("clean", y), ("synthetic", fns["synthetic"](y, 75.0, gen).clamp(0, 1))]
-        cols += [(f"real-like: {name}", fn(y, gen)) for name, fn in fns["real"].items()]
-        for j, ax in enumerate(axes[i]):
-            if j >= len(cols):
-                ax.axis("off")
-                continue
-            title, img = cols[j]
-            show_image(ax, img[0], ref=y[0] if j else None, title=f"{task}: {title}" if j == 0 else title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Experiments: the throughput benchmark (fast path vs plain fp32, in one process)
-# ----------------------------------------------------------------------------------------------------------
-def loss_agreement(ref, other, rtol=1e-2):
-    """(largest relative difference between two dicts of losses, whether it is <= rtol). The default is
-    a bf16 tolerance: bf16 keeps 8 significant bits (steps of 2^-8 = 0.4% relative), and a loss that
-    averages many such values lands within a couple of those steps of the fp32 value."""
-    diff = max(abs(other[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref)
-    return diff, diff <= rtol
-
-
-def _sync(device):
-    """CUDA kernels run asynchronously: wait for all of them before reading the clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _max_rss_mb():
-    """Peak resident memory of this process so far (the CPU has no per-run peak like CUDA's), or None."""
-    try:
-        import resource
-    except ImportError:                                                             # Windows
-        return None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss                        # KiB on Linux, bytes on macOS
-    return round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
-
-
-def _bench_path(cfg, data, device, fast, steps, warmup):
-    """Time train_step on one path. Returns (ms per step, peak CUDA MiB or None, check losses, switches)."""
-    switches, _ = fast_path(device, cfg.compile)
-    if not fast:
-        switches = {k: False for k in switches}
-    cudnn_before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = switches["cudnn_benchmark"]
-    state = init_state(cfg, device, fast=fast)
-    gmodels = (torch.compile(state.G), torch.compile(state.D)) if switches["compile"] else None
-    # The loss check: init_state seeded the weights, and the same seed gives the same batch, gamma, eps
-    # and slot swaps (both paths draw the same random numbers in the same order). Dropout is off for
-    # this one step: its masks depend on the memory layout and on compilation, not only on the seed.
-    # At step 0 alpha = 0, so this step changes G only through L_Res.
-    state.D.eval()
-    torch.manual_seed(cfg.seed + 1)
-    parts = train_step(state, data, gmodels)
-    losses = {k: float(parts[k]) for k in ("loss_res", "loss_dif")}                # host sync: fine, untimed
-    state.D.train()
-    for _ in range(warmup):                                                         # cuDNN tuning, compiling,
-        train_step(state, data, gmodels)                                            # allocator growth
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train_step(state, data, gmodels)
-    _sync(device)
-    ms = (time.perf_counter() - t0) / steps * 1e3
-    peak = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None
-    torch.backends.cudnn.benchmark = cudnn_before
-    del state, gmodels                                                              # free memory for the next path
-    if switches["compile"]:
-        torch.compiler.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return ms, peak, losses, switches
-
-
-def bench(cfg, batches=None, size=None, steps=20, warmup=None, label=None, log=print):
-    """Throughput of one DA training step (Algorithm A: G on both domains, both eps_theta passes, one
-    backward through both networks, the Adam step and the EMA), timed after a warm-up, for the fast
-    path (cfg.precision, channels_last, fused Adam, cuDNN autotuning, cfg.compile) and for the plain
-    fp32 eager path, in the same process, on the same data and the same initial weights.
-    batches: batch sizes to time (default [cfg.batch_size]); size: patch side in px (default
-    cfg.patch_size); steps: timed steps per path; warmup: untimed steps after the (also untimed) loss
-    check step (default 5 on CUDA for cuDNN tuning and compiling, 1 elsewhere).
-    Logs one JSON line per (batch, path) with: path, device, precision, channels_last, fused_adam,
-    cudnn_benchmark, compile, batch, size, steps, warmup, ms_per_step, pairs_per_s (synthetic pairs per
-    second; each comes with one real image), peak_mem_mb (CUDA max_memory_allocated over the timed
-    steps; null on CPU), max_rss_mb (this process's peak resident memory so far), params_restorer,
-    params_denoiser, loss_res, loss_dif (the check step's losses). The fast line adds speedup (its
-    pairs/s over the fp32 line's), loss_max_rel_diff, loss_rtol and losses_agree. Returns the rows."""
-    device = pick_device(cfg.device)
-    batches = list(batches or [cfg.batch_size])
-    size = size or cfg.patch_size
-    warmup = (5 if device.type == "cuda" else 1) if warmup is None else warmup
-    amp_dtype, _ = pick_precision(cfg.precision, device)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    _, note = fast_path(device, cfg.compile)
-    if note:
-        log(note)
-    G, D = make_networks(cfg)
-    counts = {"params_restorer": n_params(G), "params_denoiser": n_params(D)}
-    del G, D
-    dev_name = (f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-                else f"{device.type} ({torch.get_num_threads()} threads)")
-    log(f"parameters: restorer G {counts['params_restorer']:,}, denoiser eps_theta {counts['params_denoiser']:,}")
-    rows = []
-    for B in batches:
-        n = max(16, 2 * B)                            # small pools: the bench times the step, not the data
-        bcfg = dataclasses.replace(cfg, method="da", batch_size=B, patch_size=size, image_size=size,
-                                   n_syn=n, n_real=n, n_test=1).validate()
-        data = make_data(bcfg, device)
-        by_path = {}
-        for path, pcfg, fast in (("fp32-eager", dataclasses.replace(bcfg, precision="fp32", compile=False), False),
-                                 ("fast", bcfg, True)):
-            ms, peak, losses, sw = _bench_path(pcfg, data, device, fast, steps, warmup)
-            row = {"bench": "da_train_step", "preset": label, "path": path, "device": dev_name,
-                   "precision": "fp32" if not fast else precision, **sw, "batch": B, "size": size,
-                   "steps": steps, "warmup": warmup, "ms_per_step": round(ms, 3),
-                   "pairs_per_s": float(f"{B / ms * 1e3:.4g}"), "peak_mem_mb": peak, "max_rss_mb": _max_rss_mb(),
-                   **counts, **losses}
-            by_path[path] = row
-        slow, fast_row = by_path["fp32-eager"], by_path["fast"]
-        diff, ok = loss_agreement({k: slow[k] for k in ("loss_res", "loss_dif")},
-                                  {k: fast_row[k] for k in ("loss_res", "loss_dif")})
-        fast_row.update(speedup=float(f"{slow['ms_per_step'] / fast_row['ms_per_step']:.4g}"),    # = pairs/s ratio
-                        loss_max_rel_diff=diff, loss_rtol=1e-2, losses_agree=ok)
-        for row in (slow, fast_row):
-            log(json.dumps(row))
-        log(f"batch {B}, {size} px, {dev_name}: fp32 eager {slow['ms_per_step']:.1f} ms/step "
-            f"({slow['pairs_per_s']:.3g} pairs/s); fast ({precision}{', compiled' if fast_row['compile'] else ''}) "
-            f"{fast_row['ms_per_step']:.1f} ms/step ({fast_row['pairs_per_s']:.3g} pairs/s): "
-            f"{fast_row['speedup']:.2f}x; losses {'agree' if ok else 'DISAGREE'} (max relative difference {diff:.1e})")
-        rows += [slow, fast_row]
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Experiments: the paper's evidence in miniature (Tables 1-4, Fig. 1a, Fig. 2), one command each
-# ----------------------------------------------------------------------------------------------------------
-# Every experiment trains with fixed seeds cfg.seed + i (a new seed also means new built-in data), reports
-# mean and sample standard deviation over the seeds, writes out/NAME.json and PNG figures, and prints a
-# table and its runtime (wall clock and CPU seconds of this process).
-def exp_seeds(cfg, quick, n=3):
-    """The seeds an experiment averages over: n of them, or 1 with --quick."""
-    return [cfg.seed + i for i in range(1 if quick else n)]
-
-
-def mean_std(values):
-    """{"mean", "std" (sample std; None for a single value), "values"} of a list of floats."""
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else None,
-            "values": [float(v) for v in a]}
-
-
-def fmt(ms, digits=2):
-    """'mean ± std' of a mean_std dict ('± n/a' for a single seed)."""
-    std = "n/a" if ms["std"] is None else f"{ms['std']:.{digits}f}"
-    return f"{ms['mean']:.{digits}f} ± {std}"
-
-
-def identity_metrics(data):
-    """Metrics of doing nothing (the degraded input itself), the floor every method should beat."""
-    syn_in = data.test_syn_noisy.clamp(0, 1)
-    return {"syn_psnr": psnr(syn_in, data.test_syn_clean).mean().item(),
-            "syn_ssim": ssim(syn_in, data.test_syn_clean).mean().item(),
-            "real_psnr": psnr(data.test_real_noisy, data.test_real_clean).mean().item(),
-            "real_ssim": ssim(data.test_real_noisy, data.test_real_clean).mean().item()}
-
-
-def summarize(runs, base=None):
-    """Per-seed metric dicts -> mean_std per metric; with `base` (the same seeds' vanilla runs) also the
-    paired per-seed gain in real-like PSNR, whose spread is smaller than that of the PSNR itself."""
-    keys = ("syn_psnr", "syn_ssim", "real_psnr", "real_ssim")
-    s = {k: mean_std([r[k] for r in runs]) for k in keys}
-    if base is not None:
-        s["real_gain_db"] = mean_std([r["real_psnr"] - b["real_psnr"] for r, b in zip(runs, base)])
-    return s
-
-
-def seed_log(log, seed):
-    # experiments train many models in one process: prefix each line with its seed (and row) to tell them apart
-    return lambda msg: log(f"  seed {seed} {msg}")
-
-
-def finish(name, out, results, t0, c0, log):
-    """Stamp the runtime, write out/NAME.json atomically and print the runtime."""
-    results["wall_seconds"], results["cpu_seconds"] = time.time() - t0, time.process_time() - c0
-    atomic_write_text(os.path.join(out, f"{name}.json"), json.dumps(results, indent=1))
-    log(f"\nwrote {out}/{name}.json; runtime {results['wall_seconds']:.0f} s wall, "
-        f"{results['cpu_seconds']:.0f} s CPU ({torch.get_num_threads()} threads)")
-    return results
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def bar_figure(path, labels, groups, ylabel, title, hline=None):
-    """Grouped bars with error bars. groups: {group name: [mean_std per label]}."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(labels), 3.6))
-    width = 0.8 / len(groups)
-    for i, (g, vals) in enumerate(groups.items()):
-        xs = np.arange(len(labels)) + (i - (len(groups) - 1) / 2) * width
-        ax.bar(xs, [v["mean"] for v in vals], width, yerr=[v["std"] or 0 for v in vals], capsize=3, label=g)
-    if hline is not None:
-        ax.axhline(hline, color="k", ls="--", lw=1, label="real-like input (no restoration)")
-    lo = min(v["mean"] - (v["std"] or 0) for vals in groups.values() for v in vals)
-    ax.set_ylim(min(lo, hline if hline is not None else lo) - 1, None)
-    ax.set_xticks(np.arange(len(labels)), labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel), ax.set_title(title, fontsize=9), ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-@experiment(size=dict(steps=500, batch_size=8, eval_every=0, log_every=250),
-            quick=dict(steps=8, eval_every=0, log_every=8))
-def exp_compare(cfg, out, quick, log=print):
-    """Tables 1-3 in miniature: vanilla, feature-space DA (DANN), pixel-space DA, DA (ours) and the
-    oracle on cfg.task's built-in real-like domain (cfg.real_noise); one task per call (--task NAME).
-    All share G, the data, the Adam optimiser, the step budget and the alpha ramp. Writes
-    out/compare.json, out/compare.png (PSNR per method) and out/compare_samples.png (restorations of
-    real-like test images, first seed)."""
-    t0, c0 = time.time(), time.process_time()
-    os.makedirs(out, exist_ok=True)
-    device = pick_device(cfg.device)
-    methods = ("vanilla", "dann", "pixel_da", "da", "oracle")
-    runs, ident, models = {m: [] for m in methods}, [], {}
-    seeds = exp_seeds(cfg, quick)
-    for seed in seeds:
-        c = dataclasses.replace(cfg, seed=seed)
-        data = make_data(c, device)
-        ident.append(identity_metrics(data))
-        for m in methods:
-            state = train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
-            runs[m].append(evaluate_pools(state.G_ema, data))
-            if seed == seeds[0]:
-                models[m], sample_data = state.G_ema, data
-    summary = {m: summarize(runs[m], runs["vanilla"]) for m in methods}
-    real = {m: summary[m]["real_psnr"]["mean"] for m in methods}
-    results = {"experiment": "compare", "task": cfg.task, "real_noise": cfg.real_noise, "seeds": seeds,
-               "config": dataclasses.asdict(cfg), "identity": summarize(ident), "methods": summary,
-               # the paper's qualitative claims (Table 1), checked on the mean real-like PSNR
-               "claims": {"da_beats_vanilla": real["da"] > real["vanilla"],
-                          "da_beats_dann": real["da"] > real["dann"],
-                          "da_beats_pixel_da": real["da"] > real["pixel_da"],
-                          "dann_beats_vanilla": real["dann"] > real["vanilla"],
-                          "pixel_da_beats_vanilla": real["pixel_da"] > real["vanilla"]}}
-    lines = [f"compare ({cfg.task}, real-like domain {cfg.real_noise}; mean ± std over seeds {seeds})",
-             f"{'method':10s} {'syn PSNR':>14s} {'real PSNR':>14s} {'real SSIM':>16s} {'real gain (dB)':>15s}",
-             f"{'input':10s} {fmt(results['identity']['syn_psnr']):>14s} {fmt(results['identity']['real_psnr']):>14s}"
-             f" {fmt(results['identity']['real_ssim'], 4):>16s}"]
-    for m in methods:
-        s = summary[m]
-        lines.append(f"{m:10s} {fmt(s['syn_psnr']):>14s} {fmt(s['real_psnr']):>14s} {fmt(s['real_ssim'], 4):>16s}"
-                     f" {fmt(s['real_gain_db']):>15s}")
-    log("\n" + "\n".join(lines))
-    bar_figure(os.path.join(out, "compare.png"), list(methods),
-               {"synthetic test": [summary[m]["syn_psnr"] for m in methods],
-                "real-like test": [summary[m]["real_psnr"] for m in methods]},
-               "PSNR (dB)", f"{cfg.task}: mean ± std over {len(seeds)} seed(s)",
-               hline=results["identity"]["real_psnr"]["mean"])
-    save_comparison_figure(os.path.join(out, "compare_samples.png"), sample_data, models)
-    return finish("compare", out, results, t0, c0, log)
-
-
-# Table 4's rows: (label, method, t range or None for cfg's, in the paper's table?)
-ABLATION_ROWS = [
-    ("(a) vanilla", "vanilla", None),
-    ("(b) t in [1,100]", "naive", (1, 100)),
-    ("(c) t in [900,999]", "naive", (900, 999)),   # the paper's [900,1000]: t = 1000 has no alphas_cumprod[t]
-    ("(d) full t", "naive", None),
-    ("(e) + CS", "no_contrast", None),
-    ("(f) + CS + RS (ours)", "da", None),
-    ("only syn", "only_syn", None),
-    ("only real", "only_real", None),
-]
-
-
-@experiment(size=dict(steps=300, batch_size=8, eval_every=0, log_every=150),
-            quick=dict(steps=6, eval_every=0, log_every=6))
-def exp_ablation(cfg, out, quick, log=print):
-    """Table 4 in miniature: the noise-sampling range of t, channel shuffle (CS), residual-swapping
-    contrastive learning (RS), and only-synthetic / only-real conditions (our reading of those two
-    rows: see METHODS). Writes out/ablation.json and out/ablation.png."""
-    t0, c0 = time.time(), time.process_time()
-    os.makedirs(out, exist_ok=True)
-    device = pick_device(cfg.device)
-    # 8 trainings per seed: two seeds take 409 s on an idle 2-core CPU, three would take about 610 s
-    seeds = exp_seeds(cfg, quick, n=2)
-    runs = {label: [] for label, _, _ in ABLATION_ROWS}
-    for seed in seeds:
-        c = dataclasses.replace(cfg, seed=seed)
-        data = make_data(c, device)
-        for label, method, t_range in ABLATION_ROWS:
-            t_min, t_max = t_range or (c.t_min, c.t_max)
-            state = train(dataclasses.replace(c, method=method, t_min=t_min, t_max=t_max), data,
-                          log=seed_log(log, f"{seed} {label}"))
-            runs[label].append(evaluate_pools(state.G_ema, data))
-    base = runs[ABLATION_ROWS[0][0]]
-    rows = []
-    for label, method, t_range in ABLATION_ROWS:
-        uses_dif, cs, rs, _, conds = METHODS[method]
-        rows.append({"label": label, "method": method, "t_range": list(t_range or (cfg.t_min, cfg.t_max)),
-                     "diffusion": uses_dif, "cs": cs, "rs": rs, "conditions": conds,
-                     **summarize(runs[label], base)})
-    real = {r["label"][:3]: r["real_psnr"]["mean"] for r in rows}
-    named = {r["method"]: r["real_psnr"]["mean"] for r in rows if r["t_range"] == [cfg.t_min, cfg.t_max]}
-    results = {"experiment": "ablation", "task": cfg.task, "real_noise": cfg.real_noise, "seeds": seeds,
-               "config": dataclasses.asdict(cfg), "rows": rows,
-               # the paper's qualitative claims (Table 4), checked on the mean real-like PSNR
-               "claims": {"b_below_vanilla": real["(b)"] < real["(a)"],
-                          "c_below_d": real["(c)"] < real["(d)"],
-                          "d_beats_vanilla": real["(d)"] > real["(a)"],
-                          "cs_helps_e_beats_d": real["(e)"] > real["(d)"],
-                          "rs_helps_f_beats_e": real["(f)"] > real["(e)"],
-                          "only_syn_below_f": named["only_syn"] < named["da"],
-                          "only_real_below_f": named["only_real"] < named["da"]}}
-    lines = [f"ablation ({cfg.task}, {cfg.real_noise}; mean ± std over seeds {seeds})",
-             f"{'row':22s} {'syn PSNR':>14s} {'real PSNR':>14s} {'real SSIM':>16s} {'gain vs (a)':>14s}"]
-    for r in rows:
-        lines.append(f"{r['label']:22s} {fmt(r['syn_psnr']):>14s} {fmt(r['real_psnr']):>14s} "
-                     f"{fmt(r['real_ssim'], 4):>16s} {fmt(r['real_gain_db']):>14s}")
-    log("\n" + "\n".join(lines))
-    bar_figure(os.path.join(out, "ablation.png"), [r["label"] for r in rows],
-               {"real-like test": [r["real_psnr"] for r in rows]}, "PSNR (dB)",
-               f"Table 4 in miniature ({cfg.task}): mean ± std over {len(seeds)} seed(s)")
-    return finish("ablation", out, results, t0, c0, log)
-
-
-SIGMAS = tuple(range(0, 81, 10))                   # Fig. 1a: AWGN level of the condition, in /255 units
-
-
-@torch.no_grad()
-def condition_errors(D, schedule, y, cfg, draws=8, seed=1234):
-    """Fig. 1a's measurement: the mean noise-prediction error MSE(eps, eps_theta(cat[y_t, c], gamma)) for a
-    condition c = y + sigma/255 * z at each sigma in SIGMAS. y: (N, 3, p, p) clean test images. The same
-    `draws` fixed draws of (gamma, eps, z) are used at every sigma, so only the condition's quality changes."""
-    torch.manual_seed(seed)
-    errs = torch.zeros(len(SIGMAS))
-    for _ in range(draws):
-        gamma = schedule.sample_gamma(y.shape[0], cfg.t_min, cfg.t_max)             # (N,)
-        eps, z = torch.randn_like(y), torch.randn_like(y)
-        y_t = schedule.q_sample(y, gamma, eps)
-        for i, sigma in enumerate(SIGMAS):
-            eps_hat = D(torch.cat([y_t, y + sigma / 255 * z], 1), gamma).float()    # input (N, 6, p, p)
-            errs[i] += F.mse_loss(eps_hat, eps).item() / draws
-    return errs.tolist()
-
-
-@experiment(size=dict(steps=1000, eval_every=0, log_every=250),
-            quick=dict(steps=10, eval_every=0, log_every=5))
-def exp_condition(cfg, out, quick, log=print):
-    """Fig. 1a in miniature: does the noise-prediction error grow as the condition gets worse?
-    Protocol (the paper leaves it open, PAPER.md §12.1): a ConditionalDenoiser with in_ch=6 takes
-    cat[y_t, c], where y_t is the noised clean image and c the SAME clean image plus AWGN of level sigma.
-    It is trained alone (no restorer) for cfg.steps Adam steps on clean synthetic crops, with sigma drawn
-    per sample from U[0, 80]/255 so every tested condition level is in distribution, and t from the full
-    range [cfg.t_min, cfg.t_max]. Then the error on the clean synthetic test images is measured at
-    sigma = 0, 10, ..., 80 with fixed (gamma, eps, condition-noise) draws. Writes out/condition.json and
-    out/condition.png."""
-    t0, c0 = time.time(), time.process_time()
-    os.makedirs(out, exist_ok=True)
-    device = pick_device(cfg.device)
-    seeds = exp_seeds(cfg, quick)
-    per_seed = []
-    for seed in seeds:
-        c = dataclasses.replace(cfg, seed=seed)
-        data = make_data(c, device)
-        torch.manual_seed(seed)
-        # NOTE(simplification): one condition slot (in_ch=6) instead of the method's two; Fig. 1a is about
-        # how the error depends on ONE condition's quality.
-        D = ConditionalDenoiser(c.d_width, tuple(c.d_mults), c.d_res_blocks, c.d_attn, c.d_dropout, in_ch=6)
-        D = D.to(device)
-        schedule = NoiseSchedule(c.T, c.beta_start, c.beta_end).to(device)
-        opt = torch.optim.Adam(D.parameters(), lr=c.lr)
-        for step in range(c.steps):
-            y = random_crops(data.syn_clean, c.batch_size, c.patch_size)              # (B, 3, p, p)
-            sigma = torch.rand(y.shape[0], 1, 1, 1, device=device) * 80 / 255        # per-sample condition level
-            cond = y + sigma * torch.randn_like(y)
-            gamma = schedule.sample_gamma(y.shape[0], c.t_min, c.t_max)
-            eps = torch.randn_like(y)
-            eps_hat = D(torch.cat([schedule.q_sample(y, gamma, eps), cond], 1), gamma).float()
-            loss = F.mse_loss(eps_hat, eps)                                           # Eq. (1) with one condition
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if (step + 1) % c.log_every == 0 or step + 1 == c.steps:
-                log(f"  seed {seed} [condition] step {step + 1}/{c.steps} mse {loss.item():.4g}")
-        D.eval()
-        p = c.patch_size
-        per_seed.append(condition_errors(D, schedule, data.test_syn_clean[..., :p, :p], c))
-    errs = [mean_std([e[i] for e in per_seed]) for i in range(len(SIGMAS))]
-    means = [e["mean"] for e in errs]
-    results = {"experiment": "condition", "seeds": seeds, "config": dataclasses.asdict(cfg),
-               "sigmas": list(SIGMAS), "error": errs,
-               "ratio_80_to_0": means[-1] / means[0],
-               # Fig. 1a's claim: the error rises monotonically with the condition's noise level
-               "claims": {"monotone_increasing": all(b > a for a, b in zip(means, means[1:])),
-                          "monotone_in_every_seed": all(all(b > a for a, b in zip(e, e[1:])) for e in per_seed),
-                          "error_at_80_above_0": means[-1] > means[0]}}
-    scale = 10 ** math.floor(math.log10(max(means)))
-    lines = [f"condition (Fig. 1a): noise-prediction error vs the condition's AWGN level, seeds {seeds}",
-             "sigma  " + " ".join(f"{s:>11d}" for s in SIGMAS),
-             f"x{scale:.0e}  " + " ".join(f"{e['mean'] / scale:>5.2f}±{(e['std'] or 0) / scale:<5.2f}" for e in errs),
-             f"error at sigma 80 / error at sigma 0 = {results['ratio_80_to_0']:.2f} (paper, read off Fig. 1a: ~1.32)"]
-    log("\n" + "\n".join(lines))
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.bar([str(s) for s in SIGMAS], [m / scale for m in means], yerr=[(e["std"] or 0) / scale for e in errs],
-           capsize=3, color="tab:blue")
-    ax.set_xlabel("AWGN level sigma of the condition (/255)")
-    ax.set_ylabel(f"noise-prediction error (x{scale:.0e})")
-    ax.set_title(f"Fig. 1a in miniature: mean ± std over {len(seeds)} seed(s)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "condition.png"), dpi=100)
-    plt.close(fig)
-    return finish("condition", out, results, t0, c0, log)
-
-
-@experiment(size=dict(steps=800, batch_size=8, eval_every=80, log_every=400),
-            quick=dict(steps=8, eval_every=2, log_every=8))
-def exp_shortcut(cfg, out, quick, log=print):
-    """Fig. 2 in miniature: synthetic and real-like PSNR over training for naive joint training (no CS,
-    no RS) and for DA (both tricks), with restorations of one synthetic and one real-like test image at
-    several steps. The paper's shortcut signature is a real-like curve that rises, peaks and falls while
-    the synthetic one keeps rising. Writes out/shortcut.json, out/shortcut.png (curves) and
-    out/shortcut_samples.png (images, first seed)."""
-    t0, c0 = time.time(), time.process_time()
-    os.makedirs(out, exist_ok=True)
-    device = pick_device(cfg.device)
-    # Two seeds: 370 s on an idle 2-core CPU; a third would take about 555 s, too close to the 10-minute
-    # budget. Longer curves (--steps 3000 --eval_every 300) are the better use of extra time: stage III, if
-    # it comes, comes late (it had not come by step 3000 here).
-    seeds = exp_seeds(cfg, quick, n=2)
-    methods = ("naive", "da")
-    curves, samples = {m: [] for m in methods}, {m: [] for m in methods}
-    for seed in seeds:
-        c = dataclasses.replace(cfg, seed=seed)
-        data = make_data(c, device)
-        x_show = torch.cat([data.test_syn_noisy[:1], data.test_real_noisy[:1]])       # (2, 3, H, W)
-        for m in methods:
-            keep = samples[m] if seed == seeds[0] else None
-
-            def on_eval(state, keep=keep):                                            # restorations at this step
-                if keep is not None:
-                    keep.append((state.step, restore(state.G_ema.eval(), x_show).cpu()))
-            state = train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed), on_eval=on_eval)
-            h = state.history
-            curves[m].append({"step": h["eval_step"], "syn_psnr": h["syn_psnr"], "real_psnr": h["real_psnr"]})
-        if seed == seeds[0]:
-            shown = (data.test_syn_clean[:1], data.test_real_clean[:1], x_show)
-    steps = curves[methods[0]][0]["step"]
-    summary = {}
-    for m in methods:
-        real = np.array([cv["real_psnr"] for cv in curves[m]])                        # (seeds, evals)
-        syn = np.array([cv["syn_psnr"] for cv in curves[m]])
-        summary[m] = {"syn_psnr": [mean_std(col) for col in syn.T], "real_psnr": [mean_std(col) for col in real.T],
-                      # the shortcut signature per seed: how far the real-like PSNR fell after its peak
-                      "real_peak_step": mean_std([steps[i] for i in real.argmax(1)]),
-                      "real_drop_from_peak_db": mean_std(real.max(1) - real[:, -1]),
-                      "syn_drop_from_peak_db": mean_std(syn.max(1) - syn[:, -1]),
-                      "final_real_psnr": mean_std(real[:, -1]), "final_syn_psnr": mean_std(syn[:, -1])}
-    results = {"experiment": "shortcut", "task": cfg.task, "real_noise": cfg.real_noise, "seeds": seeds,
-               "config": dataclasses.asdict(cfg), "steps": steps, "methods": summary, "per_seed": curves,
-               # Fig. 2's claims: naive training's real-like PSNR falls after a peak (> 0.1 dB, mean over
-               # seeds) while DA's does not fall as much, and DA ends higher on real-like data
-               "claims": {"naive_real_falls_after_peak": summary["naive"]["real_drop_from_peak_db"]["mean"] > 0.1,
-                          "da_falls_less_than_naive": summary["da"]["real_drop_from_peak_db"]["mean"]
-                          < summary["naive"]["real_drop_from_peak_db"]["mean"],
-                          "da_ends_higher_on_real": summary["da"]["final_real_psnr"]["mean"]
-                          > summary["naive"]["final_real_psnr"]["mean"]}}
-    lines = [f"shortcut (Fig. 2; {cfg.task}, {cfg.real_noise}; mean over seeds {seeds})",
-             f"{'step':>6s} " + " ".join(f"{m + ' syn':>10s} {m + ' real':>10s}" for m in methods)]
-    for i, st in enumerate(steps):
-        lines.append(f"{st:6d} " + " ".join(f"{summary[m]['syn_psnr'][i]['mean']:10.2f} "
-                                            f"{summary[m]['real_psnr'][i]['mean']:10.2f}" for m in methods))
-    for m in methods:
-        lines.append(f"{m}: real-like PSNR peak at step {fmt(summary[m]['real_peak_step'], 0)}, "
-                     f"drop from peak to end {fmt(summary[m]['real_drop_from_peak_db'])} dB")
-    log("\n" + "\n".join(lines))
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, key, title in zip(axes, ("syn_psnr", "real_psnr"), ("synthetic test", "real-like test")):
-        for m in methods:
-            mu = np.array([v["mean"] for v in summary[m][key]])
-            sd = np.array([v["std"] or 0 for v in summary[m][key]])
-            ax.plot(steps, mu, marker="o", ms=3, label="naive joint training" if m == "naive" else "DA (CS + RS)")
-            ax.fill_between(steps, mu - sd, mu + sd, alpha=0.2)
-        ax.set_xlabel("training step"), ax.set_ylabel("PSNR (dB)"), ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Fig. 2 in miniature: mean ± std over {len(seeds)} seed(s)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "shortcut.png"), dpi=100)
-    plt.close(fig)
-    # images: rows (method x domain), columns: input, up to 5 evaluation steps, ground truth
-    y_syn, y_real, x_show = shown
-    idx = np.unique(np.linspace(0, len(samples[methods[0]]) - 1, min(5, len(samples[methods[0]]))).round().astype(int))
-    fig, axes = plt.subplots(4, len(idx) + 2, figsize=(1.9 * (len(idx) + 2), 8), squeeze=False)
-    for r, (m, d) in enumerate([(m, d) for m in methods for d in (0, 1)]):
-        gt = (y_syn, y_real)[d]
-        cols = [("input", x_show[d:d + 1].cpu())] + [(f"step {samples[m][i][0]}", samples[m][i][1][d:d + 1])
-                                                     for i in idx] + [("ground truth", gt.cpu())]
-        for j, (title, img) in enumerate(cols):
-            ax = axes[r, j]
-            show_image(ax, img[0], ref=None if title == "ground truth" else gt[0],
-                       title=title if r == 0 else None, fontsize=7)
-            if j == 0:
-                ax.set_ylabel(f"{m}, {('synthetic', 'real-like')[d]}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "shortcut_samples.png"), dpi=100)
-    plt.close(fig)
-    return finish("shortcut", out, results, t0, c0, log)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # CLI: every Config field is a flag (--field value); unknown flags are rejected
 # ----------------------------------------------------------------------------------------------------------
@@ -2716,47 +1625,27 @@ def _parse_value(f, text):
     return {"int": int, "float": float, "str": str}.get(f.type, f.type)(text)
 
 
-def _int_list(text):
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects integers separated by commas, e.g. 3,16; got {text!r}") from None
-
-
-def build_parser():
-    p = argparse.ArgumentParser(prog="dada_min.py", allow_abbrev=False,
-                                description="Denoising as Adaptation (ICLR 2025), minimal implementation.")
-    p.add_argument("--demo", action="store_true", help="train vanilla, DA and oracle; print the table")
+def config_parser(prog, description):
+    """An argparse parser with --preset and one --field flag per Config field; the harness modules
+    (folders.py, experiments.py, bench.py) add their own flags to it."""
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description)
     p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="starting config")
-    p.add_argument("--out", default=None, help="output directory (demo default: runs/demo)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--experiment", default=None, metavar="NAME", help="run a registered experiment (see README)")
-    p.add_argument("--quick", action="store_true", help="with --experiment: the small size used by the tests")
-    # the commands for your own images (see COMMAND_FLAGS for which flag goes with which command)
-    p.add_argument("command", nargs="?", default=None, metavar="COMMAND",
-                   help="train | restore | evaluate (none: train on built-in data, as with --preset/--steps)")
-    p.add_argument("--clean-dir", default=None, metavar="DIR", help="train: folder of clean images")
-    p.add_argument("--syn-dir", default=None, metavar="DIR", help="train: synthetic pairs DIR/input + DIR/target")
-    p.add_argument("--real-dir", default=None, metavar="DIR", help="train: folder of real degraded images")
-    p.add_argument("--eval-dir", default=None, metavar="DIR", help="train, evaluate: real pairs DIR/input + DIR/target")
-    p.add_argument("--ckpt", default=None, metavar="FILE", help="restore, evaluate: a checkpoint.pt from train")
-    p.add_argument("--input", default=None, metavar="PATH", help="restore: an image file or a folder of images")
-    p.add_argument("--output", default=None, metavar="PATH", help="restore: output file (format from its extension) or folder")
-    p.add_argument("--json", default=None, metavar="FILE", help="evaluate: where to write the results")
-    p.add_argument("--tile", default=None, type=int, metavar="PX", help="restore, evaluate: tile side for large images (512)")
-    p.add_argument("--force", action="store_true", help="train, restore, evaluate: replace existing outputs")
-    p.add_argument("--make-start", action="store_true",
-                   help="retrain the shipped starting restorers data/start-awgn*.pt (vanilla, ~3 min each on 2 "
-                        "cores; with --sigma_max only that one)")
-    p.add_argument("--bench", action="store_true", help="time the DA training step, fast path vs fp32 (JSON lines)")
-    p.add_argument("--batch", default=None, metavar="B[,B..]", type=_int_list,
-                   help="with --bench: batch sizes, e.g. 3,16 (default: the preset's batch_size)")
-    p.add_argument("--size", default=None, metavar="PX", type=int, help="with --bench: patch side (default patch_size)")
     for f in dataclasses.fields(Config):
         p.add_argument(f"--{f.name}", dest=f"cfg_{f.name}", default=None, metavar="V",
                        type=lambda text, f=f: _parse_value(f, text),
                        help=f"config {f.name} (default from the preset)")
     return p
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args, but an unknown flag ends as an error that suggests the nearest known ones."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        opts = [o for a in parser._actions for o in a.option_strings]
+        hints = [f"{u} (did you mean {', '.join(difflib.get_close_matches(u.split('=')[0], opts, 2))}?)"
+                 if difflib.get_close_matches(u.split("=")[0], opts, 2) else u for u in unknown]
+        parser.error("unknown argument(s): " + "; ".join(hints) + ". Run with --help for the list.")
+    return args
 
 
 def parse_config(args, preset=None, base=None):
@@ -2765,123 +1654,61 @@ def parse_config(args, preset=None, base=None):
     return make_config(preset or args.preset, **{**(base or {}), **overrides})
 
 
-# command -> (the flags it requires, the command-only flags it accepts); no command accepts none of them
-COMMAND_FLAGS = {
-    None: ((), ()),
-    "train": (("out",), ("clean_dir", "syn_dir", "real_dir", "eval_dir", "force")),
-    "restore": (("ckpt", "input", "output"), ("tile", "force")),
-    "evaluate": (("ckpt", "eval_dir", "json"), ("tile", "force")),
-}
+def report_divergence(prog, e):
+    """A training run that diverged ends as one error line and exit status 1 (its last finite checkpoint kept)."""
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 1
 
 
-def check_command(parser, args):
-    """Reject a flag given to a command that does not use it, and a missing required flag."""
-    if args.command not in COMMAND_FLAGS:
-        parser.error(f"unknown command {args.command!r}; choose train, restore or evaluate (or none)")
-    if args.command and (args.demo or args.experiment):
-        parser.error("--demo and --experiment run on their own, without a command")
-    required, accepted = COMMAND_FLAGS[args.command]
-    command_only = {f for req, acc in COMMAND_FLAGS.values() for f in req + acc} - {"out"}
-    given = {f for f in command_only if getattr(args, f) not in (None, False)}
-    extra = sorted(given - set(required) - set(accepted))
-    if extra:
-        flags = ", ".join("--" + f.replace("_", "-") for f in extra)
-        parser.error(f"{flags} cannot be used {'without a command' if args.command is None else 'with ' + args.command}")
-    missing = [f for f in required if getattr(args, f) is None]
-    if missing:
-        parser.error(f"{args.command} needs " + ", ".join("--" + f.replace("_", "-") for f in missing))
+def build_parser():
+    p = config_parser("dada_min.py", "Denoising as Adaptation (ICLR 2025), minimal implementation. Without "
+                      "--demo or --make-start: train one method (--method) on built-in data.")
+    p.add_argument("--demo", action="store_true", help="train vanilla, DA and oracle; print the table")
+    p.add_argument("--out", default=None, help="output directory (demo default: runs/demo)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--make-start", action="store_true",
+                   help="retrain the shipped starting restorers data/start-awgn*.pt (vanilla, ~3 min each on 2 "
+                        "cores; with --sigma_max only that one)")
+    # the harness lives beside this file; these flags only say where it went
+    p.add_argument("--experiment", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--bench", action="store_true", help=argparse.SUPPRESS)
+    return p
 
 
-def train_command(cfg, args, log=print):
-    """`train`: built-in data or folders (load_folder_data) -> OUT/checkpoint.pt and OUT/history.json."""
-    out = args.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"--out {out!r} is a file; give a folder")
-    if os.path.isdir(out) and os.listdir(out) and not (args.resume or args.force):
-        raise FileExistsError(f"--out {out!r} is not empty: pass --resume to continue the run saved there, or "
-                              "--force to start a new run that replaces its checkpoint.pt and history.json")
-    dirs = {k: getattr(args, k) for k in ("clean_dir", "syn_dir", "real_dir", "eval_dir")}
-    device = pick_device(cfg.device)
-    data = load_folder_data(cfg, **dirs, device=device, log=log) if any(dirs.values()) else make_data(cfg, device)
-    state = train(cfg, data, out=out, resume=args.resume, log=log)
-    log(json.dumps(evaluate_pools(state.G_ema, data)))
-    log(f"wrote {os.path.join(out, 'checkpoint.pt')} and {os.path.join(out, 'history.json')}")
-    return 0
-
-
-def evaluate_command(args, log=print):
-    """`evaluate`: score a checkpoint's restorer on a folder of real pairs; print a table, write JSON."""
-    if os.path.exists(args.json) and not args.force:
-        raise FileExistsError(f"{args.json!r} exists; pass --force to replace it")
-    G, cfg = load_restorer(args.ckpt, pick_device(args.cfg_device or "auto"))
-    r = evaluate_folder(G, args.eval_dir, args.tile or 512, log)
-    log(folder_table(r))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    atomic_write_text(args.json, json.dumps(r, indent=1))
-    log(f"wrote {args.json}")
-    return 0
+# commands and flags that moved to the harness modules -> the command to use instead
+MOVED = {"--experiment": "python experiments.py NAME [--quick]", "--bench": "python bench.py",
+         "train": "python folders.py train", "restore": "python folders.py restore",
+         "evaluate": "python folders.py evaluate"}
 
 
 def main(argv=None):
-    """The command line. Bad flags, values and files end as an argparse error (exit status 2); a training
-    run that diverges ends as one error line and exit status 1, its last finite checkpoint kept."""
-    try:
-        return cli(argv)
-    except TrainingDiverged as e:
-        print(f"dada_min.py: error: {e}", file=sys.stderr)
-        return 1
-
-
-def cli(argv=None):
+    """The command line: the demo, one training run on built-in data, or --make-start. Bad flags and
+    values end as an argparse error (exit status 2); a training run that diverges ends as one error line
+    and exit status 1, its last finite checkpoint kept."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        opts = [o for a in parser._actions for o in a.option_strings]
-        hints = [f"{u} (did you mean {', '.join(difflib.get_close_matches(u.split('=')[0], opts, 2))}?)"
-                 if difflib.get_close_matches(u.split("=")[0], opts, 2) else u for u in unknown]
-        parser.error("unknown argument(s): " + "; ".join(hints) + ". Run with --help for the list.")
-    check_command(parser, args)
-    if args.experiment and args.experiment not in EXPERIMENTS:
-        parser.error(f"unknown experiment {args.experiment!r}; choose one of {sorted(EXPERIMENTS)}")
-    exp = EXPERIMENTS.get(args.experiment)
-    try:                                                 # bad files and folders end as one clear error line
-        if args.command == "restore":
-            restore_files(args.ckpt, args.input, args.output, args.force, args.tile or 512, args.cfg_device or "auto")
-            return 0
-        if args.command == "evaluate":
-            return evaluate_command(args)
-        if exp and args.quick:                           # the experiment's seconds-long size, on the tiny preset
-            cfg = parse_config(args, "tiny", exp.quick)
-        elif exp and args.preset == "cpu-demo":          # its default size: <= 10 min on 2 CPU cores
-            cfg = parse_config(args, base=exp.size)
-        else:
-            cfg = parse_config(args)
-        if args.command == "train":
-            print("config:", json.dumps(dataclasses.asdict(cfg)))
-            return train_command(cfg, args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    for word, command in MOVED.items():               # the harness is not part of this file
+        if any(a == word or a.startswith(word + "=") for a in argv):
+            parser.error(f"{word} moved out of dada_min.py: run `{command}` (see the README)")
+    args = parse_args(parser, argv)
+    try:
+        cfg = parse_config(args)
+    except ValueError as e:
         parser.error(str(e))
-    if args.make_start:                               # its configs are fixed (start_config), not the flags'
-        for sigma_max in ([cfg.sigma_max] if args.cfg_sigma_max is not None else STARTS):
-            make_start(sigma_max)
+    try:
+        if args.make_start:                           # its configs are fixed (start_config), not the flags'
+            for sigma_max in ([cfg.sigma_max] if args.cfg_sigma_max is not None else STARTS):
+                make_start(sigma_max)
+            return 0
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
+        if args.demo:
+            demo(cfg, args.out or "runs/demo")
+            return 0
+        state = train(cfg, out=args.out, resume=args.resume)
+        print(json.dumps(evaluate_pools(state.G_ema, make_data(cfg, pick_device(cfg.device)))))
         return 0
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
-    if args.demo:
-        demo(cfg, args.out or "runs/demo")
-        return 0
-    if args.bench:                                    # --steps counts the timed steps here (default 20)
-        try:
-            bench(cfg, args.batch, args.size, steps=args.cfg_steps or 20, label=args.preset)
-        except ValueError as e:
-            parser.error(str(e))
-        return 0
-    if exp:
-        exp(cfg, args.out or f"runs/{args.experiment}", args.quick)
-        return 0
-    state = train(cfg, out=args.out, resume=args.resume)
-    m = evaluate_pools(state.G_ema, make_data(cfg, pick_device(cfg.device)))
-    print(json.dumps(m))
-    return 0
+    except TrainingDiverged as e:
+        return report_divergence("dada_min.py", e)
 
 
 if __name__ == "__main__":

@@ -455,3 +455,173 @@ def test_denoiser_norms_and_init_follow_the_official_code():
                 fan_in = m.weight[0].numel()
                 if m.weight.numel() >= 4096:                       # enough weights for a tight std estimate
                     assert abs(m.weight.std().item() / math.sqrt(2 / fan_in) - 1) < 0.1
+
+
+# --- tasks, the shipped starts, the RS hinge variants, the harness boundary ---------------------------------
+
+@pytest.mark.parametrize("task", ["derain", "deblur"])
+def test_tasks_are_in_range_deterministic_and_have_a_gap(task):
+    y = dm.dead_leaves(4, 32, torch.Generator().manual_seed(0))
+    syn = dm.TASKS[task]["synthetic"]
+    (name, real), = dm.TASKS[task]["real"].items()
+    xs = syn(y, torch.Generator().manual_seed(1))
+    xr = real(y, torch.Generator().manual_seed(1))
+    for x in (xs, xr):
+        assert x.shape == y.shape and 0 <= x.min() and x.max() <= 1
+        assert (x - y).abs().mean() > 0.01                                          # it degrades
+    torch.testing.assert_close(syn(y, torch.Generator().manual_seed(1)), xs)
+    torch.testing.assert_close(real(y, torch.Generator().manual_seed(1)), xr)
+    assert (xs - xr).abs().mean() > 0.02                                            # the two domains differ
+    assert dm.make_config(task=task).real_noise == name                             # auto: the task's domain
+
+
+def test_real_like_rain_has_haze_and_synthetic_rain_has_none():
+    y = torch.full((8, 3, 32, 32), 0.2)
+    xs = dm.TASKS["derain"]["synthetic"](y, torch.Generator().manual_seed(0))
+    xr = dm.TASKS["derain"]["real"]["layered"](y, torch.Generator().manual_seed(0))
+    streak_free = (xs - y).abs().flatten(1).median(1).values                        # most pixels untouched
+    assert streak_free.max() < 1e-6
+    assert ((xr - y).flatten(1).median(1).values > 0.02).all()                      # a veil everywhere
+
+
+def test_blur_kernels_are_normalised():
+    g = torch.Generator().manual_seed(0)
+    for k in (dm.shake_kernels(16, g), dm.gaussian_kernels(torch.full((4,), 1.2), 11)):
+        assert (k >= 0).all()
+        torch.testing.assert_close(k.sum((1, 2, 3)), torch.ones(len(k)))
+    y = torch.full((16, 3, 20, 20), 0.4)                                            # a flat image stays flat
+    torch.testing.assert_close(dm.blur(y, dm.shake_kernels(16, g)), y)
+
+
+def test_default_real_domain_is_white_with_its_paired_synthetic_range():
+    cfg = dm.make_config()
+    assert (cfg.real_noise, cfg.sigma_max) == ("white", 15.0)
+    assert dm.make_config(real_noise="camera").sigma_max == 75.0          # the paper's range
+    assert dm.make_config(real_noise="camera", sigma_max=50).sigma_max == 50.0   # an explicit value wins
+    with pytest.raises(ValueError, match="real_noise"):
+        dm.make_config(task="derain", real_noise="camera")
+
+
+def test_no_command_still_trains_on_builtin_data(capsys):
+    assert dm.main(["--preset", "tiny", "--steps", "2", "--device", "cpu", "--method", "vanilla"]) == 0
+    assert "real_psnr" in capsys.readouterr().out
+
+
+def test_condition_pair_readings_of_the_only_rows():
+    a, b = torch.zeros(1), torch.ones(1)
+    assert dm.condition_pair("both", a, b) == (a, b)
+    assert dm.condition_pair("syn", a, b) == (a, a)
+    assert dm.condition_pair("real", a, b) == (b, b)
+    for method, entry in dm.METHODS.items():                  # every diffusion method names its conditions
+        assert len(entry) == 5
+        assert (entry[4] in ("both", "syn", "real")) == entry[0], method
+
+
+def test_only_syn_sends_no_diffusion_gradient_to_real_outputs(tiny_data):
+    cfg = dm.make_config("tiny", method="only_syn")
+    state = dm.init_state(cfg, torch.device("cpu"))
+    xs, ys = dm.syn_batch(tiny_data, cfg)
+    xr, yr = dm.real_pairs_batch(tiny_data, cfg)
+    assert dm.mechanism_diagnostic(state, xs, ys, xr, yr) == 0.0
+    state_real = dm.init_state(dm.make_config("tiny", method="only_real"), torch.device("cpu"))
+    assert dm.mechanism_diagnostic(state_real, xs, ys, xr, yr) != 0.0
+
+
+@pytest.mark.parametrize("sigma_max", sorted(dm.STARTS))
+def test_shipped_start_loads_matches_its_command_and_denoises(sigma_max):
+    """The committed start is what `--make-start` writes: its config is start_config's, it loads into the
+    cpu-demo restorer, and it is a converged denoiser (far above the noisy input on synthetic test data)."""
+    blob = torch.load(dm.start_path(sigma_max), map_location="cpu", weights_only=True)
+    want = json.loads(json.dumps(dm.dataclasses.asdict(dm.start_config(sigma_max))))
+    newer = set(want) - set(blob["config"])             # Config fields added after the start was trained ...
+    assert blob["config"] == {k: v for k, v in want.items() if k not in newer}
+    assert all(want[k] == getattr(dm.Config, k) for k in newer)   # ... hold their defaults, as loading reads them
+    assert dm.config_from_dict(blob["config"]) == dm.start_config(sigma_max)
+    assert os.path.getsize(dm.start_path(sigma_max)) < 2e6
+    cfg = dm.make_config(sigma_max=sigma_max, real_noise={15.0: "white", 75.0: "camera"}[sigma_max],
+                         n_syn=1, n_real=1, n_test=32)
+    assert cfg.start == "shipped"
+    G0 = dm.init_state(cfg, torch.device("cpu")).G_ema
+    data = dm.make_data(cfg)
+    noisy = dm.psnr(data.test_syn_noisy.clamp(0, 1), data.test_syn_clean).mean().item()
+    assert dm.evaluate_pools(G0, data)["syn_psnr"] > noisy + 3.0
+
+
+def test_start_scratch_is_the_identity_and_bad_starts_are_named(tmp_path):
+    cfg = dm.make_config(start="scratch", n_syn=1, n_real=1, n_test=2)
+    G = dm.init_state(cfg, torch.device("cpu")).G
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(dm.restore(G, x), x)                        # zero residual head: y_hat = x
+    with pytest.raises(ValueError, match="start"):
+        dm.make_config(start=str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="start"):
+        dm.make_config("tiny", start="shipped")                    # no shipped start of the tiny sizes
+    with pytest.raises(ValueError, match="r_width"):               # a start of other sizes names them
+        tiny = dm.train(dm.make_config("tiny", steps=1), out=str(tmp_path / "t"), log=lambda s: None)
+        dm.init_state(dm.make_config(start=str(tmp_path / "t" / "checkpoint.pt")), torch.device("cpu"))
+    assert tiny.step == 1
+
+
+def test_x0_hinge_is_per_sample_in_image_units():
+    eps = torch.zeros(2, 3, 4, 4)
+    pos, neg = torch.full_like(eps, 0.1), torch.full_like(eps, 0.2)   # noise MSE 0.01 and 0.04 per sample
+    gamma = torch.tensor([0.5, 0.9])                                 # (1 - g) / g = 1 and 1/9
+    want = (max(0.0, (0.01 - 0.04) * 1 + 0.02) + max(0.0, (0.01 - 0.04) / 9 + 0.02)) / 2
+    assert math.isclose(dm.x0_hinge(eps, pos, neg, gamma, 0.02).item(), want, rel_tol=1e-5)
+    # the batch hinge of the same errors is off at this margin: the x0 one is still on for the noisy sample
+    assert dm.triplet_hinge(eps, pos, neg, 0.02).item() == 0.0
+
+
+@pytest.mark.parametrize("hinge", ["x0", "auto"])
+def test_live_hinges_train_and_log_the_rs_term(hinge, tmp_path):
+    cfg = dm.make_config("tiny", hinge=hinge, margin=0.01, steps=6, eval_every=3)
+    state = dm.train(cfg, out=str(tmp_path / hinge), log=lambda s: None)
+    h = state.history
+    assert len(h["hinge_active_frac"]) == len(h["eval_step"]) == 2
+    assert all(0 <= a <= 1 for a in h["hinge_active_frac"]) and all(math.isfinite(g) for g in h["neg_pos_gap"])
+    if hinge == "auto":                                              # the running margin survives a resume
+        assert state.gap_mean is not None
+        blob = torch.load(str(tmp_path / hinge / "checkpoint.pt"), weights_only=True)
+        assert torch.equal(blob["gap_mean"], state.gap_mean)
+
+
+def test_a_new_restorer_is_one_registry_entry_and_reloads_from_its_checkpoint(tmp_path, tiny_data, monkeypatch):
+    class Tiny(torch.nn.Module):
+        depth = 1
+
+        def __init__(self, width):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+    monkeypatch.setitem(dm.RESTORERS, "tiny_conv", lambda cfg: Tiny(cfg.r_width))
+    cfg = dm.make_config("tiny", device="cpu", restorer="tiny_conv", method="da", steps=2, eval_every=2)
+    assert cfg.start == "scratch"                                  # no shipped start for another architecture
+    state = dm.train(cfg, tiny_data, out=str(tmp_path), log=lambda *a: None)
+    G, saved = dm.load_restorer(str(tmp_path / "checkpoint.pt"))
+    assert isinstance(G, Tiny) and saved.restorer == "tiny_conv"
+    torch.testing.assert_close(G.conv.weight, state.G_ema.conv.weight)
+    with pytest.raises(ValueError, match="restorer"):
+        dm.make_config(restorer="nope")
+
+
+def test_synthetic_degradations_take_their_own_parameters():
+    y = dm.dead_leaves(2, 16, torch.Generator().manual_seed(0))
+    for task, params in (("denoise", ("sigma_max",)), ("derain", ()), ("deblur", ())):
+        assert dm.TASKS[task]["params"] == params
+        cfg = dm.make_config("tiny", task=task)
+        want = dm.TASKS[task]["synthetic"](y, gen=torch.Generator().manual_seed(1),
+                                           **{k: getattr(cfg, k) for k in params})
+        torch.testing.assert_close(dm.degrade_synthetic(cfg, y, torch.Generator().manual_seed(1)), want)
+
+
+def test_dada_min_never_imports_the_harness_and_points_to_its_commands(capsys):
+    code = "import sys, dada_min; print(sorted(m for m in ('folders', 'experiments', 'baselines', 'bench') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(dm.__file__))
+    assert r.stdout.strip() == "[]", r.stderr
+    for argv, new in ((["--experiment", "compare"], "python experiments.py"), (["--bench"], "python bench.py"),
+                      (["train", "--out", "x"], "python folders.py train")):
+        with pytest.raises(SystemExit):
+            dm.main(argv)
+        assert new in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""The paper's evidence in miniature: the baselines, the ablation rows, and each experiment's --quick run
-(JSON structure, sane values, figures written)."""
+"""experiments.py: the registry and its command line, the Fig. 1a helper, and each experiment's --quick run
+(JSON structure, sane values, figures written). The baselines are tested in tests/test_baselines.py."""
 import json
 import math
 import os
@@ -8,82 +8,10 @@ import pytest
 import torch
 
 import dada_min as dm
+import experiments
 
 
 # --- the pieces the experiments add -----------------------------------------------------------------------
-def test_restorer_features_do_not_change_the_residual():
-    torch.manual_seed(0)
-    G = dm.RestorerUNet(8, 3)
-    torch.nn.init.normal_(G.last.weight, std=0.1)             # a non-zero head, so the check is not trivial
-    x = torch.rand(2, 3, 16, 16)
-    r, feats = G(x, return_features=True)
-    torch.testing.assert_close(r, G(x))
-    assert feats.shape == (2, 8 * 2 ** 2, 4, 4)               # bottleneck: width * 2^(depth-1) channels, /4
-
-
-def test_grad_reverse_is_identity_forward_and_negated_backward():
-    x = torch.randn(5, requires_grad=True)
-    y = dm.GradReverse.apply(x, 0.3)
-    torch.testing.assert_close(y, x)
-    (y * torch.arange(5.)).sum().backward()
-    torch.testing.assert_close(x.grad, -0.3 * torch.arange(5.))
-
-
-@pytest.mark.parametrize("method", dm.ADVERSARIAL)
-def test_adversarial_baselines_reverse_only_the_restorers_gradient(method):
-    cfg = dm.make_config("tiny", method=method)
-    torch.manual_seed(0)
-    G, critic = dm.RestorerUNet(cfg.r_width, cfg.r_depth), dm.make_critic(cfg)
-    torch.nn.init.normal_(G.last.weight, std=0.1)             # so that restored real images depend on G
-    xs, ys, xr = torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)
-
-    def grads(lam):
-        G.zero_grad(), critic.zero_grad()
-        loss, parts = dm.adversarial_loss(method, G, critic, xs, ys, xr, lam)
-        loss.backward()
-        assert set(parts) >= {"loss_res", "loss_adv"}
-        return ([p.grad.clone() for p in G.parameters()], [p.grad.clone() for p in critic.parameters()])
-    g0, c0 = grads(0.0)                                       # G sees only L_Res
-    g_half, c_half = grads(0.5)
-    g_plain, c_plain = grads(-1.0)                            # lam = -1: the critic's loss passes unreversed
-    for a, b in zip(c0 + c_half, c_plain + c_plain):          # the critic always minimises its own loss
-        torch.testing.assert_close(a, b)
-    moved = 0.0
-    for a0, ah, ap in zip(g0, g_half, g_plain):               # G gets -lam times the critic loss's gradient
-        torch.testing.assert_close(ah - a0, -0.5 * (ap - a0), atol=1e-6, rtol=1e-4)
-        moved += (ap - a0).abs().sum().item()
-    assert moved > 0                                          # the adversarial term does reach G
-
-
-def test_condition_pair_readings_of_the_only_rows():
-    a, b = torch.zeros(1), torch.ones(1)
-    assert dm.condition_pair("both", a, b) == (a, b)
-    assert dm.condition_pair("syn", a, b) == (a, a)
-    assert dm.condition_pair("real", a, b) == (b, b)
-    for method, entry in dm.METHODS.items():                  # every diffusion method names its conditions
-        assert len(entry) == 5
-        assert (entry[4] in ("both", "syn", "real")) == entry[0], method
-
-
-def test_only_syn_sends_no_diffusion_gradient_to_real_outputs(tiny_data):
-    cfg = dm.make_config("tiny", method="only_syn")
-    state = dm.init_state(cfg, torch.device("cpu"))
-    xs, ys = dm.syn_batch(tiny_data, cfg)
-    xr, yr = dm.real_pairs_batch(tiny_data, cfg)
-    assert dm.mechanism_diagnostic(state, xs, ys, xr, yr) == 0.0
-    state_real = dm.init_state(dm.make_config("tiny", method="only_real"), torch.device("cpu"))
-    assert dm.mechanism_diagnostic(state_real, xs, ys, xr, yr) != 0.0
-
-
-def test_checkpoint_round_trip_keeps_the_critic(tmp_path, tiny_data):
-    cfg = dm.make_config("tiny", method="dann", steps=2, eval_every=0)
-    state = dm.train(cfg, tiny_data, log=lambda s: None)
-    path = str(tmp_path / "c.pt")
-    dm.save_checkpoint(path, state)
-    fresh = dm.init_state(cfg, torch.device("cpu"))
-    dm.load_checkpoint(path, fresh)
-    for a, b in zip(state.critic.parameters(), fresh.critic.parameters()):
-        torch.testing.assert_close(a, b)
 
 
 def test_condition_errors_grow_with_condition_noise_for_an_ideal_denoiser():
@@ -99,10 +27,10 @@ def test_condition_errors_grow_with_condition_noise_for_an_ideal_denoiser():
         def forward(self, x, gamma):
             return x[:, :3] * 0.5
     y = torch.rand(4, 3, 16, 16)
-    e = dm.condition_errors(Ideal(), sched, y, cfg, draws=2)
-    assert len(e) == len(dm.SIGMAS) and e[0] < 1e-6
+    e = experiments.condition_errors(Ideal(), sched, y, cfg, draws=2)
+    assert len(e) == len(experiments.SIGMAS) and e[0] < 1e-6
     assert all(b > a for a, b in zip(e, e[1:]))
-    blind = dm.condition_errors(Blind(), sched, y, cfg, draws=2)
+    blind = experiments.condition_errors(Blind(), sched, y, cfg, draws=2)
     assert max(blind) - min(blind) < 1e-9                     # same fixed draws at every sigma
 
 
@@ -111,24 +39,24 @@ def test_experiment_sizes_apply_to_cpu_demo_and_flags_win(monkeypatch):
 
     def exp_probe(cfg, out, quick):
         seen["cfg"], seen["quick"] = cfg, quick
-    monkeypatch.setattr(dm, "EXPERIMENTS", {})
-    dm.experiment(size=dict(steps=123, batch_size=5), quick=dict(steps=3))(exp_probe)
-    dm.main(["--experiment", "probe", "--out", "unused"])
+    monkeypatch.setattr(experiments, "EXPERIMENTS", {})
+    experiments.experiment(size=dict(steps=123, batch_size=5), quick=dict(steps=3))(exp_probe)
+    experiments.main(["probe", "--out", "unused"])
     assert seen["cfg"].steps == 123 and seen["cfg"].batch_size == 5 and seen["cfg"].r_width == 16
-    dm.main(["--experiment", "probe", "--steps", "7"])
+    experiments.main(["probe", "--steps", "7"])
     assert seen["cfg"].steps == 7 and seen["cfg"].batch_size == 5
-    dm.main(["--experiment", "probe", "--quick"])
+    experiments.main(["probe", "--quick"])
     assert seen["cfg"].steps == 3 and seen["cfg"].image_size == dm.PRESETS["tiny"]["image_size"] and seen["quick"]
-    dm.main(["--experiment", "probe", "--preset", "gpu"])  # other presets are used as they are
+    experiments.main(["probe", "--preset", "gpu"])  # other presets are used as they are
     assert seen["cfg"].steps == dm.PRESETS["gpu"]["steps"]
     with pytest.raises(SystemExit):
-        dm.main(["--experiment", "nope"])
+        experiments.main(["nope"])
 
 
 # --- each experiment's --quick run ------------------------------------------------------------------------
 def run_quick(name, tmp_path):
     out = str(tmp_path / name)
-    assert dm.main(["--experiment", name, "--quick", "--device", "cpu", "--out", out]) == 0
+    assert experiments.main([name, "--quick", "--device", "cpu", "--out", out]) == 0
     res = json.load(open(os.path.join(out, f"{name}.json")))
     assert res["experiment"] == name and res["seeds"] == [0] and res["cpu_seconds"] > 0
     assert res["config"]["image_size"] == dm.PRESETS["tiny"]["image_size"]
@@ -161,7 +89,7 @@ def test_compare_quick(tmp_path):
 def test_ablation_quick(tmp_path):
     out, res = run_quick("ablation", tmp_path)
     rows = {r["label"]: r for r in res["rows"]}
-    assert list(rows) == [label for label, _, _ in dm.ABLATION_ROWS]
+    assert list(rows) == [label for label, _, _ in experiments.ABLATION_ROWS]
     assert rows["(b) t in [1,100]"]["t_range"] == [1, 100] and rows["(c) t in [900,999]"]["t_range"] == [900, 999]
     assert rows["(d) full t"]["t_range"] == [1, 999]
     assert (rows["(d) full t"]["cs"], rows["(e) + CS"]["cs"], rows["(f) + CS + RS (ours)"]["rs"]) == (False, True, True)
@@ -193,3 +121,32 @@ def test_shortcut_quick(tmp_path):
         assert len(res["per_seed"][m]) == 1
     for png in ("shortcut.png", "shortcut_samples.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
+
+
+def test_task_figure(tmp_path):
+    experiments.save_task_figure(str(tmp_path / "tasks.png"), size=32)
+    assert Image.open(tmp_path / "tasks.png").size[0] > 200
+
+
+def test_effect_experiment_quick(tmp_path):
+    out = str(tmp_path / "effect")
+    cfg = dm.make_config("tiny", **experiments.exp_effect.quick)
+    res = experiments.exp_effect(cfg, out, quick=True, log=lambda s: None)
+    saved = json.load(open(os.path.join(out, "effect.json")))
+    assert set(saved["domains"]) == set(dm.TASKS["denoise"]["real"]) == set(res["domains"])
+    for d in saved["domains"].values():
+        s, runs = d["summary"], d["runs"]
+        assert set(s) == {"vanilla", "da", "da_live", "no_contrast", "only_real", "oracle"}
+        assert s["vanilla"]["gap_closed"]["mean"] == 0.0 and s["oracle"]["gap_closed"]["mean"] == 1.0
+        gap = (runs["da"][0]["real_psnr"] - runs["vanilla"][0]["real_psnr"]) / (
+            runs["oracle"][0]["real_psnr"] - runs["vanilla"][0]["real_psnr"])
+        assert math.isclose(s["da"]["gap_closed"]["mean"], gap, rel_tol=1e-9, abs_tol=1e-12)
+        # the RS rows log their hinge; the others do not have one
+        for v in ("da", "da_live"):
+            assert 0.0 <= s[v]["hinge_active_frac"]["mean"] <= 1.0
+            assert set(runs[v][0]["gap_by_gamma"]) == {str(g) for g in experiments.GAP_LEVELS}
+        assert "hinge_active_frac" not in s["no_contrast"] and "diag" not in s["vanilla"]
+        assert all(-1 <= r["diag"] <= 1 for r in runs["only_real"])
+        assert d["prediction"]["start_real_hf"]["mean"] > 0
+    assert os.path.getsize(os.path.join(out, "effect.png")) > 1000
+    assert "| da_live |" in experiments.effect_table(saved)
