@@ -36,16 +36,24 @@ def test_notebook_structure(path):
     first, last = nb.cells[0], nb.cells[-1]
     assert first.cell_type == "markdown" and "Learning goals" in first.source
     assert "Full mode: about" in first.source and "@RT" not in first.source       # measured runtime is stated
-    setup = nb.cells[1].source
-    assert nb.cells[1].cell_type == "code" and "import dada_min as dm" in setup
-    assert 'dm.pick_device("auto")' in setup and "DADA_QUICK" in setup
+    setup = nb.cells[1].source                                                   # short: the shared helper does it
+    assert nb.cells[1].cell_type == "code" and "from nb_setup import" in setup and f'setup("{path.stem}"' in setup
+    assert len(setup.splitlines()) <= 12, f"{path.name}: the setup cell has {len(setup.splitlines())} lines"
     assert last.cell_type == "markdown" and "## What we saw" in last.source
     n_questions = sum(1 for line in last.source.splitlines() if line[:2] in {f"{k}." for k in range(1, 10)})
     assert 2 <= n_questions <= 4, f"{path.name}: {n_questions} questions (want 2-4)"
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "def train_step" not in code and "def train(" not in code              # one implementation
+    assert "def run_dir" not in code and "def seed_everything" not in code         # one setup: nb_setup.py
     if "dm.train(" in code:
         assert "resume=True" in code and "run_dir(" in code                         # load when present, else train
+
+
+def test_the_shared_setup_helper():
+    """notebooks/nb_setup.py: imports dada_min, picks the device once, knows quick mode, seeds everything."""
+    text = (NB_DIR / "nb_setup.py").read_text()
+    assert "import dada_min as dm" in text and 'dm.pick_device("auto")' in text and "DADA_QUICK" in text
+    assert "torch.manual_seed(seed)" in text and "np.random.seed(seed)" in text
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

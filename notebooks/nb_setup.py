@@ -1,0 +1,96 @@
+"""The setup the five walkthrough notebooks share: find and import dada_min, pick the device, seed everything,
+choose the sizes, and keep finished runs so that a rerun loads them instead of training again.
+
+Each notebook's first code cell imports what it uses from here and calls setup() once:
+
+    from nb_setup import dm, device, QUICK, by_mode, run_dir, show, setup
+    cfg = setup("03_denoising_as_adaptation", start=True)
+
+Modes: DADA_QUICK=1 (what the tests run): the tiny preset and a handful of steps, seconds on a CPU. Otherwise
+the gpu preset on CUDA and the cpu-demo preset elsewhere. DADA_RUNS moves the run cache (default runs/notebooks).
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import random
+import sys
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+# the repository root is the first folder at or above this file's that holds dada_min.py
+ROOT = next((p for p in pathlib.Path(__file__).resolve().parents if (p / "dada_min.py").is_file()), None)
+if ROOT is None:
+    raise FileNotFoundError(f"dada_min.py not found above {__file__}: keep nb_setup.py in the repository's notebooks/")
+sys.path.insert(0, str(ROOT))
+import dada_min as dm  # noqa: E402  (after the path is known)
+
+QUICK = os.environ.get("DADA_QUICK") == "1"         # CI mode: tiny images, a handful of steps
+device = dm.pick_device("auto")                    # cuda > mps > cpu
+SEED = 0
+# GPU: larger images, more steps and mixed precision (Config.precision "auto" means bf16 on CUDA).
+# CPU: the cpu-demo sizes, which finish in minutes. QUICK: the tiny test sizes.
+PRESET = "tiny" if QUICK else ("gpu" if device.type == "cuda" else "cpu-demo")
+# Where G starts in the notebooks that adapt a restorer (setup(..., start=True)). Full mode: the shipped,
+# converged synthetic-only restorer (data/start-awgn*.pt). It exists for the cpu-demo restorer sizes only, so
+# the GPU preset keeps that restorer. QUICK: tiny networks, trained from scratch (a fresh G is the identity map).
+START = "scratch" if QUICK else "shipped"
+# Training cells load a finished checkpoint when there is one, else train. The folder name holds a hash of
+# the config, so changing a setting trains anew instead of loading a stale run.
+RUNS = pathlib.Path(os.environ.get("DADA_RUNS", ROOT / "runs" / "notebooks"))
+NOTEBOOK = None                                    # set by setup(): the runs of each notebook get their own folder
+
+
+def seed_everything(seed=SEED):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)                        # also seeds every CUDA device
+
+
+def setup(notebook, start=False, **overrides):
+    """Seed everything, print the device and mode, and return the notebook's config: the mode's preset on
+    this device, then `overrides`. start=True: G starts from START (see above)."""
+    global NOTEBOOK
+    NOTEBOOK = notebook
+    seed_everything()
+    if start:
+        overrides = dict(start=START, **(dict(r_width=dm.Config.r_width, r_depth=dm.Config.r_depth)
+                                         if PRESET == "gpu" else {}), **overrides)
+    cfg = dm.make_config(PRESET, device=device.type, precision="auto", seed=SEED, **overrides,
+                         **(dict(steps=8, eval_every=4, log_every=4) if QUICK else {}))
+    amp_dtype, _ = dm.pick_precision(cfg.precision, device)
+    print(f"device: {device} | preset: {PRESET} | quick mode: {QUICK} | autocast: {amp_dtype} | runs under: {RUNS}")
+    if start:
+        print(f"real-like domain: {cfg.real_noise} | synthetic AWGN: sigma <= {cfg.sigma_max:g} | "
+              f"G starts from: {cfg.start}")
+    return cfg
+
+
+def by_mode(quick, cpu, gpu):
+    """One number per mode, e.g. training steps: by_mode(quick=20, cpu=1200, gpu=6000)."""
+    return quick if QUICK else (gpu if PRESET == "gpu" else cpu)
+
+
+def run_dir(cfg, name):
+    """The folder of this notebook's run `name` with config cfg: RUNS/NOTEBOOK/NAME-HASH."""
+    h = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return str(RUNS / NOTEBOOK / f"{name}-{h}")
+
+
+def show(images, titles=None, size=2.6, cols=None):
+    """Show (N, 3, H, W) images in [0, 1], nearest-neighbour so single noisy pixels stay visible."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    cols = cols or len(images)
+    rows = (len(images) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=9)
+    fig.tight_layout()
+    plt.show()
