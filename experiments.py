@@ -1,7 +1,7 @@
 """The experiments behind the README's evidence: the paper's tables and figures in miniature, one command
 each. They import dada_min (the method) and never the other way round.
 
-    python experiments.py compare      # Tables 1-3: vanilla, DANN, pixel DA, DA, Ours-Ex, oracle
+    python experiments.py compare      # Tables 1-3: vanilla, DANN, pixel DA, DA, oracle
     python experiments.py ablation     # Table 4: CS / RS / noised image / conditions / t range
     python experiments.py condition    # Fig. 1a: noise-prediction error against the condition's noise
     python experiments.py shortcut     # Fig. 2: joint training with and without the two tricks
