@@ -1129,8 +1129,7 @@ def diffusion_loss(denoiser, schedule, y0, cond_syn, cond_real, neg=None, shuffl
     mse_neg = F.mse_loss(eps_neg, eps)
     hinge = (x0_hinge(eps, eps_pos, eps_neg, gamma, margin) if hinge == "x0"
              else triplet_hinge(eps, eps_pos, eps_neg, margin))                      # Eq. (3)
-    return (mse_pos + hinge) / 2, {"mse": mse_pos.detach(), "mse_neg": mse_neg.detach(),
-                                   "gap": (mse_neg - mse_pos).detach(), "hinge": hinge.detach()}
+    return (mse_pos + hinge) / 2, {"mse": mse_pos.detach(), "mse_neg": mse_neg.detach(), "hinge": hinge.detach()}
 
 
 def alpha_ramp(step, total_ramp_steps, alpha_max=0.2):
@@ -1332,6 +1331,13 @@ def ema_update(ema, model, decay):
         pe.lerp_(p, 1 - decay)
 
 
+def rs_margin(state):
+    """The hinge margin of this step: cfg.margin, or with hinge=auto the running mean of the measured
+    MSE(neg) - MSE(pos) (cfg.margin until the first measurement)."""
+    auto = state.cfg.hinge == "auto" and state.gap_mean is not None
+    return state.gap_mean if auto else state.cfg.margin
+
+
 def train_step(state, data, gmodels=None):
     """One step of the training algorithm (PAPER.md §7, Algorithm A; B for da_ex). Returns a dict of
     detached loss tensors (no host synchronisation here: .item() happens only when logging)."""
@@ -1365,17 +1371,15 @@ def train_step(state, data, gmodels=None):
             neg = residual_swap(x_syn, r_syn, x_real, r_real) if contrast else None
             # lines 5-6: noise, shuffle the condition slots (CS), predict the noise, Eq. (1) and (3)
             c_a, c_b = condition_pair(conditions, y_syn_hat, y_real_hat)            # (y_syn_hat, y_real_hat) for DA
-            # hinge=auto: the margin is the running mean of the measured gap (the official 0.1 until measured)
-            margin = s.gap_mean if cfg.hinge == "auto" and s.gap_mean is not None else cfg.margin
             loss_dif, dparts = diffusion_loss(D, s.schedule, y0, c_a, c_b, neg, shuffle,
-                                              margin, (cfg.t_min, cfg.t_max), hinge=cfg.hinge)
+                                              rs_margin(s), (cfg.t_min, cfg.t_max), hinge=cfg.hinge)
             alpha = alpha_ramp(s.step, cfg.ramp_frac * cfg.steps, cfg.alpha_max)
             # line 7: the total loss, one backward through G and eps_theta (nothing detached)
             loss = loss_res + alpha * loss_dif
             parts = {"loss_res": loss_res.detach(), "loss_dif": loss_dif.detach(), "alpha": alpha,
-                     **({"hinge": dparts["hinge"], "gap": dparts["gap"]} if contrast else {})}
+                     **({"hinge": dparts["hinge"], "gap": dparts["mse_neg"] - dparts["mse"]} if contrast else {})}
             if contrast and cfg.hinge == "auto":                                    # on the device: no sync
-                g = dparts["gap"].float()
+                g = parts["gap"].float()
                 s.gap_mean = g if s.gap_mean is None else torch.lerp(s.gap_mean, g, 0.01)
     # line 8: one optimiser step over both networks, then the EMA of G
     s.opt.zero_grad(set_to_none=True)
@@ -1409,9 +1413,8 @@ def mechanism_diagnostic(state, x_syn, y_syn, x_real, y_real, gamma=None, draws=
         neg = residual_swap(x_syn, r_syn, x_real, r) if contrast else None
         g = None if gamma is None else gamma.expand(x_syn.shape[0])
         c_a, c_b = condition_pair(conditions, x_syn + r_syn, x_real + r)
-        margin = state.gap_mean if cfg.hinge == "auto" and state.gap_mean is not None else cfg.margin
         loss, _ = diffusion_loss(D, state.schedule, y_syn, c_a, c_b, neg, shuffle,
-                                 margin, (cfg.t_min, cfg.t_max), gamma=g, hinge=cfg.hinge)
+                                 rs_margin(state), (cfg.t_min, cfg.t_max), gamma=g, hinge=cfg.hinge)
         (grad,) = torch.autograd.grad(loss, r, allow_unused=True)
         grad = torch.zeros_like(r) if grad is None else grad                        # "only_syn": R_real unused
         to_clean = (y_real - (x_real + r_real)).flatten(1)                          # (B, 3*H*W)
@@ -1914,7 +1917,7 @@ GAP_LEVELS = (0.99999, 0.9999, 0.999, 0.99, 0.95, 0.7, 0.3, 0.05)   # ... and th
 VAL_SEED = 100                          # the validation pool: seed 100's built-in data, used by no reported run
 
 
-def diagnostic_draws(state, data, draws=64, n_real=32):
+def diagnostic_draws(state, data, draws=64, n_real=16):
     """The mechanism diagnostic (mechanism_diagnostic) averaged over `draws` draws of (synthetic partner,
     eps, gamma) for each of n_real fixed real-like test crops, so its sign is not sampling noise."""
     c = dataclasses.replace(state.cfg, batch_size=n_real)
@@ -1982,7 +1985,7 @@ def run_variant(cfg, data, draws=64, log=lambda s: None):
     if METHODS[cfg.method][0]:
         m["diag"] = diagnostic_draws(state, data, draws)
     if contrast:
-        m["gap_by_gamma"] = contrast_gap_by_gamma(state, data, max(1, draws // 4))
+        m["gap_by_gamma"] = contrast_gap_by_gamma(state, data, max(1, draws // 16))
     return m
 
 
@@ -2009,21 +2012,26 @@ def select_live_hinge(cfg, domain="white", log=print):
 
 @experiment(size=dict(steps=600, eval_every=100, log_every=300),
             quick=dict(steps=6, eval_every=3, log_every=6))
-def exp_effect(cfg, out, quick, log=print):
+def exp_effect(cfg, out, quick, log=print, domains=None, live=None):
     """Does noise-space adaptation help at this scale, and when? For each built-in denoising domain (white:
     the paper's failure mode, camera: the counter-case) and seed, all rows continue from the same start (the
     shipped converged restorer where one fits) for the same steps: vanilla, DA (official hinge), DA with a
     live hinge (chosen on the validation pool), no contrast (CS only), only real, oracle. Before any
-    training, the shrinkage test on the start predicts the sign. Writes out/effect.json and out/effect.png."""
+    training, the shrinkage test on the start predicts the sign. Writes out/effect.json and out/effect.png.
+    domains: a subset of the built-in domains (default: all); live: a (hinge, margin) chosen earlier by
+    select_live_hinge, which is then not run again (both serve to split the run over processes)."""
     t0, c0 = time.time(), time.process_time()
     os.makedirs(out, exist_ok=True)
     device = pick_device(cfg.device)
     seeds = exp_seeds(cfg, quick)
-    live, selection = ((LIVE_CANDIDATES[-1], None) if quick else select_live_hinge(cfg, log=log))
+    if live is not None or quick:
+        live, selection = tuple(live or LIVE_CANDIDATES[-1]), None
+    else:
+        live, selection = select_live_hinge(cfg, log=log)
     variants = effect_variants(live)
     res = {"experiment": "effect", "seeds": seeds, "config": dataclasses.asdict(cfg), "live_hinge": list(live),
            "selection": selection, "domains": {}}
-    for domain in TASKS["denoise"]["real"]:
+    for domain in domains or TASKS["denoise"]["real"]:
         runs, pred = {v: [] for v in variants}, []
         for seed in seeds:
             c = dataclasses.replace(cfg, seed=seed, real_noise=domain, sigma_max=None, start="auto").validate()
@@ -2059,11 +2067,12 @@ def exp_effect(cfg, out, quick, log=print):
             summary[v] = row
         res["domains"][domain] = {"prediction": {k: mean_std([p[k] for p in pred]) for k in pred[0]},
                                   "summary": summary, "runs": runs}
-    # the issue's targets, checked on the means (gap closed on white, level on camera)
-    w, cam = res["domains"]["white"]["summary"], res["domains"]["camera"]["summary"]
-    res["targets"] = {v: {"white_gap_closed_ge_0.4": w[v]["gap_closed"]["mean"] >= 0.4,
-                          "white_syn_within_0.2": abs(w[v]["syn_change_db"]["mean"]) <= 0.2,
-                          "camera_within_0.1": abs(cam[v]["real_gain_db"]["mean"]) <= 0.1} for v in ("da", "da_live")}
+    # the targets, checked on the means: on white DA closes >= 40% of the gap with synthetic PSNR within
+    # 0.2 dB of vanilla; on camera DA stays within 0.1 dB of vanilla
+    checks = {"white": lambda s: s["gap_closed"]["mean"] >= 0.4 and abs(s["syn_change_db"]["mean"]) <= 0.2,
+              "camera": lambda s: abs(s["real_gain_db"]["mean"]) <= 0.1}
+    res["targets"] = {d: {v: checks[d](r["summary"][v]) for v in ("da", "da_live")}
+                      for d, r in res["domains"].items() if d in checks}
     log("\n" + effect_table(res))
     _plot_effect(os.path.join(out, "effect.png"), res)
     return finish("effect", out, res, t0, c0, log)
