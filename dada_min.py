@@ -14,7 +14,8 @@ The idea in four lines:
 Read top to bottom: config, data, networks, noise schedule, the two anti-shortcut tricks, losses,
 the training algorithm, inference, metrics, experiments, CLI.
 
-    python dada_min.py --demo          # vanilla vs DA vs oracle on built-in data (~3 min on 2 CPU cores)
+    python dada_min.py --demo          # vanilla vs DA vs oracle from the shipped start (~2.5 min on 2 CPU cores)
+    python dada_min.py --make-start    # retrain the shipped converged starts data/start-awgn*.pt
     python dada_min.py --bench         # time one DA training step: GPU fast path vs plain fp32 (JSON lines)
     python dada_min.py --help          # every config field is a flag
 """
@@ -117,13 +118,13 @@ class Config:
                                   # (batch, margin = running mean of the measured MSE(neg) - MSE(pos)) | x0
                                   # (one hinge per sample on errors rescaled to image units; see x0_hinge)
     # --- optimisation ---
-    steps: int = 500              # training steps
+    steps: int = 400              # training steps
     batch_size: int = 16          # synthetic pairs per step (and as many real images)
     lr: float = 1e-3              # Adam learning rate, constant, shared by G and eps_theta (paper: 1e-4)
     ema_decay: float = 0.995      # EMA of G's weights; evaluation uses the EMA copy (paper: 0.9999)
     # NOTE(simplification): the official code tracks an EMA but evaluates the raw G; short runs are
     # noisy, so dada-min evaluates (and restores with) the EMA copy.
-    eval_every: int = 125         # evaluate PSNR and the mechanism diagnostic every N steps (0: only at the end)
+    eval_every: int = 100         # evaluate PSNR and the mechanism diagnostic every N steps (0: only at the end)
     log_every: int = 100          # print losses every N steps
 
     def validate(self):
