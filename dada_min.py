@@ -1568,23 +1568,28 @@ def raw_module(model):
     return getattr(model, "_orig_mod", model)
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: an interrupted save never leaves a broken checkpoint.
-    Holds plain tensors and Python scalars only, so torch.load(weights_only=True) can read it. The
-    networks are saved unwrapped (raw_module), so keys never carry compile prefixes."""
+def write_checkpoint(path, state, **entries):
+    """Write the config, step and history of state plus `entries` to a temporary file, then rename: an
+    interrupted save never leaves a broken checkpoint. Plain tensors and Python scalars only, so
+    torch.load(weights_only=True) can read it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     blob = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(state.cfg).items()},
-            "step": state.step, "history": state.history,
-            "restorer": raw_module(state.G).state_dict(), "restorer_ema": raw_module(state.G_ema).state_dict(),
-            "denoiser": raw_module(state.D).state_dict(), "optimizer": state.opt.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            **({"critic": state.critic.state_dict()} if state.critic is not None else {}),
-            **({"gap_mean": state.gap_mean} if state.gap_mean is not None else {})}
-    if state.scaler is not None:                                                    # fp16: floats and ints only
-        blob["scaler"] = state.scaler.state_dict()
+            "step": state.step, "history": state.history, **entries}
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(blob, tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path, state):
+    """Everything a resume needs. The networks are saved unwrapped (raw_module), so keys never carry
+    compile prefixes."""
+    write_checkpoint(path, state,
+                     restorer=raw_module(state.G).state_dict(), restorer_ema=raw_module(state.G_ema).state_dict(),
+                     denoiser=raw_module(state.D).state_dict(), optimizer=state.opt.state_dict(),
+                     rng_cpu=torch.get_rng_state(),
+                     **({"critic": state.critic.state_dict()} if state.critic is not None else {}),
+                     **({"gap_mean": state.gap_mean} if state.gap_mean is not None else {}),
+                     **({"scaler": state.scaler.state_dict()} if state.scaler is not None else {}))  # fp16 only
 
 
 def read_checkpoint(path):
@@ -1641,13 +1646,9 @@ def load_start(G, path):
 def save_start(path, state):
     """The slim checkpoint the shipped start is: config, step, history and the EMA restorer only (no
     denoiser, no optimiser), readable by read_checkpoint and load_restorer."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     weights = {k: v.clone() for k, v in raw_module(state.G_ema).state_dict().items()}
-    blob = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(state.cfg).items()},
-            "step": state.step, "history": state.history, "restorer": weights, "restorer_ema": weights}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(blob, tmp)                             # "restorer" and "restorer_ema" share storage: saved once
-    os.replace(tmp, path)
+    # "restorer" and "restorer_ema" share storage, so torch.save writes the weights once
+    write_checkpoint(path, state, restorer=weights, restorer_ema=weights)
 
 
 def make_start(sigma_max, path=None, log=print):
@@ -1981,7 +1982,7 @@ def run_variant(cfg, data, draws=64, log=lambda s: None):
     h = state.history
     m["curve"] = {"step": h["eval_step"], "real_psnr": h["real_psnr"], "syn_psnr": h["syn_psnr"],
                   "hinge_active_frac": h["hinge_active_frac"], "neg_pos_gap": h["neg_pos_gap"]}
-    _, _, contrast = METHODS[cfg.method][:3]
+    contrast = METHODS[cfg.method][2]
     m["hinge_active_frac"] = float(np.mean(h["hinge_active_frac"])) if contrast else None
     if METHODS[cfg.method][0]:
         m["diag"] = diagnostic_draws(state, data, draws)
@@ -2042,8 +2043,9 @@ def exp_effect(cfg, out, quick, log=print, domains=None, live=None):
             data = make_data(c, device)
             G0 = init_state(c, device).G_ema.eval()                                 # the start every row shares
             y0 = restore(G0, data.test_real_noisy)
-            p0 = psnr(quantize_8bit(y0), data.test_real_clean).mean().item()
-            pred.append({"start_real_psnr": p0, "start_syn_psnr": evaluate_pools(G0, data)["syn_psnr"],
+            s0 = evaluate_pools(G0, data)                                           # scores of 8-bit outputs
+            p0 = s0["real_psnr"]
+            pred.append({"start_real_psnr": p0, "start_syn_psnr": s0["syn_psnr"],
                          "start_real_hf": hf_ratio(y0, data.test_real_clean),
                          **{f"shrink_{lam}": psnr(quantize_8bit(shrink_hf(y0, lam)), data.test_real_clean).mean().item() - p0
                             for lam in (0.1, 0.3)}})
