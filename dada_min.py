@@ -22,8 +22,9 @@ diff_flag=1): restore both domains with G, noise y_syn, predict the noise condit
 pair (y_syn_hat, y_real_hat), add the RS hinge, one Adam step on G and eps_theta together. "Algorithm B" is
 its variant "Ours-Ex" (diff_flag=2): an unpaired clean image is noised instead, without negatives.
 
-    python dada_min.py --demo          # vanilla vs DA vs oracle on built-in data (a few minutes on a CPU)
+    python dada_min.py --demo          # vanilla vs DA vs oracle from the shipped start (~2.5 min on 2 CPU cores)
     python dada_min.py --method da --steps 600 --out runs/da     # train one method on built-in data
+    python dada_min.py --make-start    # retrain the shipped converged starts data/start-awgn*.pt
     python dada_min.py --help          # every config field is a flag
 
 The harness sits beside this file and imports it; this file never imports it: folders.py (your own images:
@@ -126,13 +127,13 @@ class Config:
                                   # (batch, margin = running mean of the measured MSE(neg) - MSE(pos)) | x0
                                   # (one hinge per sample on errors rescaled to image units; see x0_hinge)
     # --- optimisation ---
-    steps: int = 500              # training steps
+    steps: int = 400              # training steps
     batch_size: int = 16          # synthetic pairs per step (and as many real images)
     lr: float = 1e-3              # Adam learning rate, constant, shared by G and eps_theta (paper: 1e-4)
     ema_decay: float = 0.995      # EMA of G's weights; evaluation uses the EMA copy (paper: 0.9999)
     # NOTE(simplification): the official code tracks an EMA but evaluates the raw G; short runs are
     # noisy, so dada-min evaluates (and restores with) the EMA copy.
-    eval_every: int = 125         # evaluate PSNR and the mechanism diagnostic every N steps (0: only at the end)
+    eval_every: int = 100         # evaluate PSNR and the mechanism diagnostic every N steps (0: only at the end)
     log_every: int = 100          # print losses every N steps
 
     def validate(self):
@@ -954,8 +955,7 @@ def diffusion_loss(denoiser, schedule, y0, cond_syn, cond_real, neg=None, shuffl
     mse_neg = F.mse_loss(eps_neg, eps)
     hinge = (x0_hinge(eps, eps_pos, eps_neg, gamma, margin) if hinge == "x0"
              else triplet_hinge(eps, eps_pos, eps_neg, margin))                      # Eq. (3)
-    return (mse_pos + hinge) / 2, {"mse": mse_pos.detach(), "mse_neg": mse_neg.detach(),
-                                   "gap": (mse_neg - mse_pos).detach(), "hinge": hinge.detach()}
+    return (mse_pos + hinge) / 2, {"mse": mse_pos.detach(), "mse_neg": mse_neg.detach(), "hinge": hinge.detach()}
 
 
 def alpha_ramp(step, total_ramp_steps, alpha_max=0.2):
@@ -1101,6 +1101,13 @@ def ema_update(ema, model, decay):
         pe.lerp_(p, 1 - decay)
 
 
+def rs_margin(state):
+    """The hinge margin of this step: cfg.margin, or with hinge=auto the running mean of the measured
+    MSE(neg) - MSE(pos) (cfg.margin until the first measurement)."""
+    auto = state.cfg.hinge == "auto" and state.gap_mean is not None
+    return state.gap_mean if auto else state.cfg.margin
+
+
 def train_step(state, data, gmodels=None):
     """One step of the training algorithm (Algorithm A; B for da_ex; see the module docstring). Returns a dict of
     detached loss tensors (no host synchronisation here: .item() happens only when logging)."""
@@ -1127,17 +1134,15 @@ def train_step(state, data, gmodels=None):
             neg = residual_swap(x_syn, r_syn, x_real, r_real) if contrast else None
             # lines 5-6: noise, shuffle the condition slots (CS), predict the noise, Eq. (1) and (3)
             c_a, c_b = condition_pair(conditions, y_syn_hat, y_real_hat)            # (y_syn_hat, y_real_hat) for DA
-            # hinge=auto: the margin is the running mean of the measured gap (the official 0.1 until measured)
-            margin = s.gap_mean if cfg.hinge == "auto" and s.gap_mean is not None else cfg.margin
             loss_dif, dparts = diffusion_loss(D, s.schedule, y0, c_a, c_b, neg, shuffle,
-                                              margin, (cfg.t_min, cfg.t_max), hinge=cfg.hinge)
+                                              rs_margin(s), (cfg.t_min, cfg.t_max), hinge=cfg.hinge)
             alpha = alpha_ramp(s.step, cfg.ramp_frac * cfg.steps, cfg.alpha_max)
             # line 7: the total loss, one backward through G and eps_theta (nothing detached)
             loss = loss_res + alpha * loss_dif
             parts = {"loss_res": loss_res.detach(), "loss_dif": loss_dif.detach(), "alpha": alpha,
-                     **({"hinge": dparts["hinge"], "gap": dparts["gap"]} if contrast else {})}
+                     **({"hinge": dparts["hinge"], "gap": dparts["mse_neg"] - dparts["mse"]} if contrast else {})}
             if contrast and cfg.hinge == "auto":                                    # on the device: no sync
-                g = dparts["gap"].float()
+                g = parts["gap"].float()
                 s.gap_mean = g if s.gap_mean is None else torch.lerp(s.gap_mean, g, 0.01)
         elif cfg.method in PLUGINS:                                                 # e.g. baselines.py
             loss, parts = PLUGINS[cfg.method][0](s, data, G, x_syn, y_syn)
@@ -1177,9 +1182,8 @@ def mechanism_diagnostic(state, x_syn, y_syn, x_real, y_real, gamma=None, draws=
         neg = residual_swap(x_syn, r_syn, x_real, r) if contrast else None
         g = None if gamma is None else gamma.expand(x_syn.shape[0])
         c_a, c_b = condition_pair(conditions, x_syn + r_syn, x_real + r)
-        margin = state.gap_mean if cfg.hinge == "auto" and state.gap_mean is not None else cfg.margin
         loss, _ = diffusion_loss(D, state.schedule, y_syn, c_a, c_b, neg, shuffle,
-                                 margin, (cfg.t_min, cfg.t_max), gamma=g, hinge=cfg.hinge)
+                                 rs_margin(state), (cfg.t_min, cfg.t_max), gamma=g, hinge=cfg.hinge)
         (grad,) = torch.autograd.grad(loss, r, allow_unused=True)
         grad = torch.zeros_like(r) if grad is None else grad                        # "only_syn": R_real unused
         to_clean = (y_real - (x_real + r_real)).flatten(1)                          # (B, 3*H*W)
@@ -1332,23 +1336,28 @@ def raw_module(model):
     return getattr(model, "_orig_mod", model)
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: an interrupted save never leaves a broken checkpoint.
-    Holds plain tensors and Python scalars only, so torch.load(weights_only=True) can read it. The
-    networks are saved unwrapped (raw_module), so keys never carry compile prefixes."""
+def write_checkpoint(path, state, **entries):
+    """Write the config, step and history of state plus `entries` to a temporary file, then rename: an
+    interrupted save never leaves a broken checkpoint. Plain tensors and Python scalars only, so
+    torch.load(weights_only=True) can read it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     blob = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(state.cfg).items()},
-            "step": state.step, "history": state.history,
-            "restorer": raw_module(state.G).state_dict(), "restorer_ema": raw_module(state.G_ema).state_dict(),
-            "denoiser": raw_module(state.D).state_dict(), "optimizer": state.opt.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            **({"critic": state.critic.state_dict()} if state.critic is not None else {}),
-            **({"gap_mean": state.gap_mean} if state.gap_mean is not None else {})}
-    if state.scaler is not None:                                                    # fp16: floats and ints only
-        blob["scaler"] = state.scaler.state_dict()
+            "step": state.step, "history": state.history, **entries}
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(blob, tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path, state):
+    """Everything a resume needs. The networks are saved unwrapped (raw_module), so keys never carry
+    compile prefixes."""
+    write_checkpoint(path, state,
+                     restorer=raw_module(state.G).state_dict(), restorer_ema=raw_module(state.G_ema).state_dict(),
+                     denoiser=raw_module(state.D).state_dict(), optimizer=state.opt.state_dict(),
+                     rng_cpu=torch.get_rng_state(),
+                     **({"critic": state.critic.state_dict()} if state.critic is not None else {}),
+                     **({"gap_mean": state.gap_mean} if state.gap_mean is not None else {}),
+                     **({"scaler": state.scaler.state_dict()} if state.scaler is not None else {}))  # fp16 only
 
 
 def read_checkpoint(path):
@@ -1405,13 +1414,9 @@ def load_start(G, path):
 def save_start(path, state):
     """The slim checkpoint the shipped start is: config, step, history and the EMA restorer only (no
     denoiser, no optimiser), readable by read_checkpoint and load_restorer."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     weights = {k: v.clone() for k, v in raw_module(state.G_ema).state_dict().items()}
-    blob = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(state.cfg).items()},
-            "step": state.step, "history": state.history, "restorer": weights, "restorer_ema": weights}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(blob, tmp)                             # "restorer" and "restorer_ema" share storage: saved once
-    os.replace(tmp, path)
+    # "restorer" and "restorer_ema" share storage, so torch.save writes the weights once
+    write_checkpoint(path, state, restorer=weights, restorer_ema=weights)
 
 
 def make_start(sigma_max, path=None, log=print):
