@@ -294,8 +294,7 @@ For a clean synthetic target $y_0 = y^s$, the two restored images $\hat y^s$, $\
 5. without negatives, return `(mse, {"mse": mse.detach()})`;
 6. with `neg = (n_syn, n_real)`: shuffle **them with their own independent draw**, run $\epsilon_\theta$ again on the
    **same** $y_t$ and $\gamma$, compute the hinge (Eq. (3), `dm.triplet_hinge`), and return
-   `((mse + hinge) / 2, {"mse": ..., "mse_neg": MSE(eps_neg, eps), "gap": mse_neg - mse, "hinge": ...})`, every
-   part detached.
+   `((mse + hinge) / 2, {"mse": ..., "mse_neg": MSE(eps_neg, eps), "hinge": ...})`, every part detached.
 
 Why does this adapt $G$? $\hat y^r$ enters $\epsilon_\theta$ as an input, so $\partial L / \partial \hat y^r$ flows into $G$.
 Lowering the noise-prediction error is easiest when the conditions are clean images; channel shuffling makes

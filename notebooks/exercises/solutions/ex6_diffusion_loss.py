@@ -22,7 +22,5 @@ def diffusion_loss(denoiser, schedule, y0, cond_syn, cond_real, neg=None, shuffl
     n1, n2, _ = dm.channel_shuffle(neg[0], neg[1], shuffle)                   # random draw 5: its own swap
     eps_neg = denoiser(torch.cat([y_t, n1, n2], 1), gamma).float()
     hinge = dm.triplet_hinge(eps, eps_pos, eps_neg, margin)                   # Eq. (3)
-    mse_neg = F.mse_loss(eps_neg, eps)
-    parts = {"mse": mse_pos.detach(), "mse_neg": mse_neg.detach(), "gap": (mse_neg - mse_pos).detach(),
-             "hinge": hinge.detach()}
+    parts = {"mse": mse_pos.detach(), "mse_neg": F.mse_loss(eps_neg, eps).detach(), "hinge": hinge.detach()}
     return (mse_pos + hinge) / 2, parts
