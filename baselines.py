@@ -82,11 +82,11 @@ def adversarial_loss(method, G, critic, x_syn, y_syn, x_real, lam):
 
 
 def baseline_loss(state, data, G, x_syn, y_syn):
-    """The plug-in loss of both baselines (see dada_min.PLUGINS): the critic's weight lam follows the same
+    """The plug-in loss of both baselines (see dada_min.PLUGINS; the critic is state.D): the critic's weight lam follows the same
     ramp as DA's alpha, and the unpaired real batch is drawn here, after the synthetic one."""
     cfg = state.cfg
     lam = dm.alpha_ramp(state.step, cfg.ramp_frac * cfg.steps, cfg.alpha_max)
-    return adversarial_loss(cfg.method, G, state.critic, x_syn, y_syn, dm.real_batch(data, cfg), lam)
+    return adversarial_loss(cfg.method, G, state.D, x_syn, y_syn, dm.real_batch(data, cfg), lam)
 
 
 for _name in ADVERSARIAL:

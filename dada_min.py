@@ -24,7 +24,6 @@ its variant "Ours-Ex" (diff_flag=2): an unpaired clean image is noised instead, 
 
     python dada_min.py --demo          # vanilla vs DA vs oracle from the shipped start (~2.5 min on 2 CPU cores)
     python dada_min.py --method da --steps 600 --out runs/da     # train one method on built-in data
-    python dada_min.py --make-start    # retrain the shipped converged starts data/start-awgn*.pt
     python dada_min.py --help          # every config field is a flag
 
 The harness sits beside this file and imports it; this file never imports it: folders.py (your own images:
@@ -220,25 +219,15 @@ PRESETS = {
 
 
 # The paper's regime: the official alpha ramp spans 300 epochs (~1e5 steps), so G is a converged synthetic
-# denoiser long before the diffusion loss weighs anything. dada-min ships such a restorer for the cpu-demo
-# sizes (vanilla on AWGN sigma <= 75, our own weights, ~0.5 MB); `python dada_min.py --make-start` remakes it
-# with exactly these settings. DA, vanilla and the oracle then all continue from it for the same steps.
-# One start per synthetic range of the built-in domains (TASKS["denoise"]["sigma_max"]), each trained on
-# seed 0's built-in data; every seed of an experiment starts from the same restorer.
+# denoiser long before the diffusion loss weighs anything. dada-min ships such restorers for the cpu-demo
+# sizes (our own weights, ~0.5 MB each: vanilla, 6000 steps on seed 0's built-in data), one per synthetic
+# range of the built-in domains (TASKS["denoise"]["sigma_max"]); `python experiments.py --make-start`
+# remakes them. DA, vanilla and the oracle then all continue from the same start for the same steps.
 STARTS = {15.0: "start-awgn15.pt", 75.0: "start-awgn75.pt"}        # sigma_max -> file in data/
-START = dict(method="vanilla", task="denoise", start="scratch", seed=0, steps=6000, eval_every=1000,
-             log_every=1000)
 
 
 def start_path(sigma_max):
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", STARTS[sigma_max])
-
-
-def start_config(sigma_max):
-    """The config the shipped start for this synthetic range is trained with (--make-start); its real-like
-    domain (only evaluated, never trained on) is the one paired with that range."""
-    domain = next(d for d, s in TASKS["denoise"]["sigma_max"].items() if s == sigma_max)
-    return make_config("cpu-demo", sigma_max=sigma_max, real_noise=domain, **START)
 
 
 def start_matches(cfg):
@@ -1030,10 +1019,11 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-# Methods from other modules plug in here (baselines.py is the example). register_method(name, loss, make_net)
+# The hook for methods from other modules (baselines.py is the example). register_method(name, loss, make_net)
 # adds `name` to METHODS as a method without the diffusion loss; train_step then calls
-# loss(state, data, G, x_syn, y_syn) -> (loss, parts) inside autocast, and make_net(cfg), if given, builds
-# one extra network (state.critic) right after G and eps_theta, trained by the same Adam, saved in checkpoints.
+# loss(state, data, G, x_syn, y_syn) -> (loss, parts) inside autocast. make_net(cfg), if given, builds the
+# method's second network (e.g. DANN's domain critic), which takes eps_theta's place as state.D: the same Adam
+# trains it and checkpoints save it, with no change anywhere else.
 PLUGINS = {}                          # name -> (loss, make_net)
 
 
@@ -1048,13 +1038,13 @@ class TrainState:
     cfg: Config
     G: RestorerUNet                   # the restorer being trained
     G_ema: RestorerUNet               # its exponential moving average (used for evaluation and restore)
-    D: ConditionalDenoiser            # eps_theta (unused by vanilla and oracle; thrown away after training)
+    D: nn.Module                      # eps_theta (thrown away after training; unused by vanilla and oracle),
+                                      # or a plugged-in method's second network (PLUGINS)
     schedule: NoiseSchedule
-    opt: torch.optim.Optimizer        # ONE Adam over G and eps_theta (and the critic, if any)
+    opt: torch.optim.Optimizer        # ONE Adam over G and state.D
     step: int = 0
     history: dict = field(default_factory=dict)
     scaler: object = None             # torch.amp.GradScaler for fp16 on CUDA, else None (fp32 and bf16)
-    critic: nn.Module = None          # a plugged-in method's extra network (PLUGINS; None for the others)
     gap_mean: torch.Tensor = None     # hinge=auto: running mean of MSE(neg) - MSE(pos), the adaptive margin
 
 
@@ -1066,6 +1056,8 @@ def init_state(cfg, device, fast=True, G=None):
     batch statistics (train_step restores the synthetic and real batches in one pass)."""
     torch.manual_seed(cfg.seed)
     G_default, D = make_networks(cfg)                                               # same eps_theta init either way
+    _, make_net = PLUGINS.get(cfg.method, (None, None))
+    D = make_net(cfg) if make_net else D                                            # a plug-in's own network
     if cfg.start != "scratch":
         if G is not None:
             raise ValueError(f"start={cfg.start!r} loads RestorerUNet weights, so it cannot start a custom G; "
@@ -1076,11 +1068,7 @@ def init_state(cfg, device, fast=True, G=None):
     switches, _ = fast_path(device)
     if fast and switches["channels_last"]:                                          # faster convs on tensor cores
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    _, make_net = PLUGINS.get(cfg.method, (None, None))
-    critic = make_net(cfg).to(device) if make_net else None
-    uses_diffusion = METHODS[cfg.method][0]
-    params = list(G.parameters()) + (list(D.parameters()) if uses_diffusion else [])
-    params += list(critic.parameters()) if critic is not None else []
+    params = list(G.parameters()) + (list(D.parameters()) if METHODS[cfg.method][0] or make_net else [])
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=fast and switches["fused_adam"])
     # fp16 has a narrow exponent range: scale the loss up so small gradients do not flush to zero
     _, needs_scaler = pick_precision(cfg.precision, device)
@@ -1092,7 +1080,7 @@ def init_state(cfg, device, fast=True, G=None):
             "hinge_active_frac": [], "neg_pos_gap": []}
     return TrainState(cfg, G, copy.deepcopy(G).requires_grad_(False), D,
                       NoiseSchedule(cfg.T, cfg.beta_start, cfg.beta_end).to(device), opt, 0, hist,
-                      scaler=scaler, critic=critic)
+                      scaler=scaler)
 
 
 @torch.no_grad()
@@ -1355,7 +1343,6 @@ def save_checkpoint(path, state):
                      restorer=raw_module(state.G).state_dict(), restorer_ema=raw_module(state.G_ema).state_dict(),
                      denoiser=raw_module(state.D).state_dict(), optimizer=state.opt.state_dict(),
                      rng_cpu=torch.get_rng_state(),
-                     **({"critic": state.critic.state_dict()} if state.critic is not None else {}),
                      **({"gap_mean": state.gap_mean} if state.gap_mean is not None else {}),
                      **({"scaler": state.scaler.state_dict()} if state.scaler is not None else {}))  # fp16 only
 
@@ -1385,8 +1372,6 @@ def load_checkpoint(path, state):
     raw_module(state.G).load_state_dict(blob["restorer"])
     raw_module(state.G_ema).load_state_dict(blob["restorer_ema"])
     raw_module(state.D).load_state_dict(blob["denoiser"])
-    if state.critic is not None:
-        state.critic.load_state_dict(blob["critic"])
     state.opt.load_state_dict(blob["optimizer"])
     if state.scaler is not None and blob.get("scaler"):                            # resume the fp16 loss scale
         state.scaler.load_state_dict(blob["scaler"])
@@ -1409,23 +1394,6 @@ def load_start(G, path):
         raise ValueError(f"start checkpoint {path!r} holds a restorer of r_width={c.get('r_width')}, "
                          f"r_depth={c.get('r_depth')}, which does not fit this config: {e}") from e
     return G
-
-
-def save_start(path, state):
-    """The slim checkpoint the shipped start is: config, step, history and the EMA restorer only (no
-    denoiser, no optimiser), readable by read_checkpoint and load_restorer."""
-    weights = {k: v.clone() for k, v in raw_module(state.G_ema).state_dict().items()}
-    # "restorer" and "restorer_ema" share storage, so torch.save writes the weights once
-    write_checkpoint(path, state, restorer=weights, restorer_ema=weights)
-
-
-def make_start(sigma_max, path=None, log=print):
-    """`--make-start`: train the shipped start for one synthetic range (vanilla, start_config) and save it."""
-    path = path or start_path(sigma_max)
-    state = train(start_config(sigma_max), log=log)
-    save_start(path, state)
-    log(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
-    return state
 
 
 def load_restorer(path, device="cpu"):
@@ -1494,24 +1462,6 @@ def ssim(x, y, y_channel=False):
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)
-
-
-def box5(x):
-    """5x5 box blur with replicate padding: the low-pass reference of the two high-frequency tools below."""
-    return F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
-
-
-def hf_ratio(x, clean):
-    """Energy of the high frequencies, x - box5(x), of images x relative to that of their clean targets:
-    1 is as sharp as clean, > 1 leaves noise behind, < 1 is smoother than clean. (B, C, H, W) -> float."""
-    return (((x - box5(x)) ** 2).mean() / ((clean - box5(clean)) ** 2).mean()).item()
-
-
-def shrink_hf(x, lam):
-    """The training-free shrinkage test: damp the high frequencies of x by a factor (1 - lam). If this
-    raises the PSNR of a restorer's real outputs, they carry high-frequency residue that a smoothing push
-    (what the diffusion loss does at small scale) can remove."""
-    return x - lam * (x - box5(x))
 
 
 @torch.no_grad()
@@ -1665,55 +1615,44 @@ def report_divergence(prog, e):
     return 1
 
 
+# the commands of the harness modules, for a user who looks for them here
+MOVED = {"--experiment": "python experiments.py NAME", "--bench": "python bench.py",
+         "--make-start": "python experiments.py --make-start", "train": "python folders.py train",
+         "restore": "python folders.py restore", "evaluate": "python folders.py evaluate"}
+
+
 def build_parser():
     p = config_parser("dada_min.py", "Denoising as Adaptation (ICLR 2025), minimal implementation. Without "
-                      "--demo or --make-start: train one method (--method) on built-in data.")
+                      "--demo: train one method (--method) on built-in data.")
     p.add_argument("--demo", action="store_true", help="train vanilla, DA and oracle; print the table")
     p.add_argument("--out", default=None, help="output directory (demo default: runs/demo)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--make-start", action="store_true",
-                   help="retrain the shipped starting restorers data/start-awgn*.pt (vanilla, ~3 min each on 2 "
-                        "cores; with --sigma_max only that one)")
-    # the harness lives beside this file; these flags only say where it went
-    p.add_argument("--experiment", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--bench", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
-# commands and flags that moved to the harness modules -> the command to use instead
-MOVED = {"--experiment": "python experiments.py NAME [--quick]", "--bench": "python bench.py",
-         "train": "python folders.py train", "restore": "python folders.py restore",
-         "evaluate": "python folders.py evaluate"}
-
-
 def main(argv=None):
-    """The command line: the demo, one training run on built-in data, or --make-start. Bad flags and
-    values end as an argparse error (exit status 2); a training run that diverges ends as one error line
-    and exit status 1, its last finite checkpoint kept."""
+    """The demo, or one training run on built-in data. Bad flags and values end as an argparse error (exit
+    status 2); a run that diverges ends as one error line and exit status 1, its last finite checkpoint kept."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    for word, command in MOVED.items():               # the harness is not part of this file
+    p = build_parser()
+    for word, command in MOVED.items():
         if any(a == word or a.startswith(word + "=") for a in argv):
-            parser.error(f"{word} moved out of dada_min.py: run `{command}` (see the README)")
-    args = parse_args(parser, argv)
+            p.error(f"{word} is not part of dada_min.py: run `{command}` (see the README)")
+    args = parse_args(p, argv)
     try:
         cfg = parse_config(args)
     except ValueError as e:
-        parser.error(str(e))
+        p.error(str(e))
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
     try:
-        if args.make_start:                           # its configs are fixed (start_config), not the flags'
-            for sigma_max in ([cfg.sigma_max] if args.cfg_sigma_max is not None else STARTS):
-                make_start(sigma_max)
-            return 0
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
         if args.demo:
             demo(cfg, args.out or "runs/demo")
-            return 0
-        state = train(cfg, out=args.out, resume=args.resume)
-        print(json.dumps(evaluate_pools(state.G_ema, make_data(cfg, pick_device(cfg.device)))))
-        return 0
+        else:
+            state = train(cfg, out=args.out, resume=args.resume)
+            print(json.dumps(evaluate_pools(state.G_ema, make_data(cfg, pick_device(cfg.device)))))
     except TrainingDiverged as e:
         return report_divergence("dada_min.py", e)
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ each. They import dada_min (the method) and never the other way round.
     python experiments.py shortcut     # Fig. 2: joint training with and without the two tricks
     python experiments.py effect       # when does DA close the vanilla -> oracle gap? (docs/effect.md)
     python experiments.py NAME --quick # a seconds-long run (what the tests use); --field value as dada_min.py
+    python experiments.py --make-start # retrain the shipped converged starts data/start-awgn*.pt
 
 Each writes runs/NAME/NAME.json and PNG figures (--out DIR elsewhere) and prints a table and its runtime.
 docs/evidence.md reports what they measured.
@@ -442,6 +443,24 @@ GAP_LEVELS = (0.99999, 0.9999, 0.999, 0.99, 0.95, 0.7, 0.3, 0.05)   # ... and th
 VAL_SEED = 100                          # the validation pool: seed 100's built-in data, used by no reported run
 
 
+def box5(x):
+    """5x5 box blur with replicate padding: the low-pass reference of the two high-frequency tools below."""
+    return F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+
+
+def hf_ratio(x, clean):
+    """Energy of the high frequencies, x - box5(x), of images x relative to that of their clean targets:
+    1 is as sharp as clean, > 1 leaves noise behind, < 1 is smoother than clean. (B, C, H, W) -> float."""
+    return (((x - box5(x)) ** 2).mean() / ((clean - box5(clean)) ** 2).mean()).item()
+
+
+def shrink_hf(x, lam):
+    """The training-free shrinkage test: damp the high frequencies of x by a factor (1 - lam). If this
+    raises the PSNR of a restorer's real outputs, they carry high-frequency residue that a smoothing push
+    (what the diffusion loss does at small scale) can remove."""
+    return x - lam * (x - box5(x))
+
+
 def diagnostic_draws(state, data, draws=64, n_real=16):
     """The mechanism diagnostic (mechanism_diagnostic) averaged over `draws` draws of (synthetic partner,
     eps, gamma) for each of n_real fixed real-like test crops, so its sign is not sampling noise."""
@@ -501,7 +520,7 @@ def run_variant(cfg, data, draws=64, log=lambda s: None):
     the hinge-active fraction over training, the diagnostic over `draws` draws and the per-level RS gap."""
     state = dm.train(cfg, data, log=log)
     m = dm.evaluate_pools(state.G_ema, data)
-    m["real_hf"] = dm.hf_ratio(dm.restore(state.G_ema.eval(), data.test_real_noisy), data.test_real_clean)
+    m["real_hf"] = hf_ratio(dm.restore(state.G_ema.eval(), data.test_real_noisy), data.test_real_clean)
     h = state.history
     m["curve"] = {"step": h["eval_step"], "real_psnr": h["real_psnr"], "syn_psnr": h["syn_psnr"],
                   "hinge_active_frac": h["hinge_active_frac"], "neg_pos_gap": h["neg_pos_gap"]}
@@ -560,15 +579,15 @@ def exp_effect(cfg, out, quick, log=print, domains=None, live=None):
             c = dataclasses.replace(cfg, seed=seed, real_noise=domain, sigma_max=None, start="auto").validate()
             if not quick and c.sigma_max in dm.STARTS and not os.path.isfile(dm.start_path(c.sigma_max)):
                 raise FileNotFoundError(f"no shipped start for {domain} (sigma_max {c.sigma_max:g}) at "
-                                        f"{dm.start_path(c.sigma_max)}: run `python dada_min.py --make-start`")
+                                        f"{dm.start_path(c.sigma_max)}: run `python experiments.py --make-start`")
             data = dm.make_data(c, device)
             G0 = dm.init_state(c, device).G_ema.eval()                                 # the start every row shares
             y0 = dm.restore(G0, data.test_real_noisy)
             s0 = dm.evaluate_pools(G0, data)                                        # scores of 8-bit outputs
             p0 = s0["real_psnr"]
             pred.append({"start_real_psnr": p0, "start_syn_psnr": s0["syn_psnr"],
-                         "start_real_hf": dm.hf_ratio(y0, data.test_real_clean),
-                         **{f"shrink_{lam}": dm.psnr(dm.quantize_8bit(dm.shrink_hf(y0, lam)), data.test_real_clean).mean().item() - p0
+                         "start_real_hf": hf_ratio(y0, data.test_real_clean),
+                         **{f"shrink_{lam}": dm.psnr(dm.quantize_8bit(shrink_hf(y0, lam)), data.test_real_clean).mean().item() - p0
                             for lam in (0.1, 0.3)}})
             for v, over in variants.items():
                 m = run_variant(dataclasses.replace(c, **over), data, draws=2 if quick else 64)
@@ -638,6 +657,40 @@ def _plot_effect(path, res):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The shipped starts: the converged synthetic-only restorers every cpu-demo run continues from
+# ----------------------------------------------------------------------------------------------------------
+# `python experiments.py --make-start` retrains data/start-awgn{15,75}.pt with exactly these settings
+# (--sigma_max S: only that one); dada_min.STARTS names the files and dada_min.load_start reads them.
+START = dict(method="vanilla", task="denoise", start="scratch", seed=0, steps=6000, eval_every=1000,
+             log_every=1000)
+
+
+def start_config(sigma_max):
+    """The config of the shipped start for this synthetic range; its real-like domain (only evaluated,
+    never trained on) is the one TASKS pairs with that range."""
+    domain = next(d for d, s in dm.TASKS["denoise"]["sigma_max"].items() if s == sigma_max)
+    return dm.make_config("cpu-demo", sigma_max=sigma_max, real_noise=domain, **START)
+
+
+def save_start(path, state):
+    """The slim checkpoint a shipped start is: config, step, history and the EMA restorer only (no
+    denoiser, no optimiser), readable by dada_min.read_checkpoint and load_restorer."""
+    weights = {k: v.clone() for k, v in dm.raw_module(state.G_ema).state_dict().items()}
+    # "restorer" and "restorer_ema" share storage, so torch.save writes the weights once
+    dm.write_checkpoint(path, state, restorer=weights, restorer_ema=weights)
+
+
+def make_start(sigma_max, path=None, log=print, **overrides):
+    """Train the shipped start for one synthetic range (vanilla, start_config; overrides: for the tests)
+    and save it (default: where dada_min looks for it). About 3 minutes each on 2 CPU cores."""
+    path = path or dm.start_path(sigma_max)
+    state = dm.train(dataclasses.replace(start_config(sigma_max), **overrides).validate(), log=log)
+    save_start(path, state)
+    log(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The README's figure of the built-in tasks
 # ----------------------------------------------------------------------------------------------------------
 def save_task_figure(path, size=64, seed=0):
@@ -668,7 +721,9 @@ def save_task_figure(path, size=64, seed=0):
 
 def build_parser():
     p = dm.config_parser("experiments.py", "The paper's evidence in miniature, one experiment per command.")
-    p.add_argument("name", choices=sorted(EXPERIMENTS), help="the experiment")
+    p.add_argument("name", nargs="?", choices=sorted(EXPERIMENTS), help="the experiment")
+    p.add_argument("--make-start", action="store_true",
+                   help="instead: retrain the shipped starts data/start-awgn*.pt (with --sigma_max: only that one)")
     p.add_argument("--quick", action="store_true", help="the seconds-long size used by the tests")
     p.add_argument("--out", default=None, help="output directory (default: runs/NAME)")
     return p
@@ -679,6 +734,14 @@ def main(argv=None):
     (<= 10 min on 2 CPU cores); --field flags win over both."""
     parser = build_parser()
     args = dm.parse_args(parser, argv)
+    if args.make_start:                               # its configs are fixed (start_config), not the flags'
+        for sigma_max in ([args.cfg_sigma_max] if args.cfg_sigma_max is not None else dm.STARTS):
+            if sigma_max not in dm.STARTS:
+                parser.error(f"--sigma_max {sigma_max:g} has no shipped start; choose one of {sorted(dm.STARTS)}")
+            make_start(sigma_max)
+        return 0
+    if args.name is None:
+        parser.error("name an experiment (one of " + ", ".join(sorted(EXPERIMENTS)) + ") or give --make-start")
     exp = EXPERIMENTS[args.name]
     try:
         if args.quick:

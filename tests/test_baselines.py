@@ -57,6 +57,7 @@ def test_checkpoint_round_trip_keeps_the_critic(tmp_path, tiny_data):
     path = str(tmp_path / "c.pt")
     dm.save_checkpoint(path, state)
     fresh = dm.init_state(cfg, torch.device("cpu"))
+    assert isinstance(fresh.D, torch.nn.Sequential)           # the critic took eps_theta's place (PLUGINS)
     dm.load_checkpoint(path, fresh)
-    for a, b in zip(state.critic.parameters(), fresh.critic.parameters()):
+    for a, b in zip(state.D.parameters(), fresh.D.parameters()):
         torch.testing.assert_close(a, b)

@@ -528,15 +528,11 @@ def test_only_syn_sends_no_diffusion_gradient_to_real_outputs(tiny_data):
 
 
 @pytest.mark.parametrize("sigma_max", sorted(dm.STARTS))
-def test_shipped_start_loads_matches_its_command_and_denoises(sigma_max):
-    """The committed start is what `--make-start` writes: its config is start_config's, it loads into the
-    cpu-demo restorer, and it is a converged denoiser (far above the noisy input on synthetic test data)."""
-    blob = torch.load(dm.start_path(sigma_max), map_location="cpu", weights_only=True)
-    want = json.loads(json.dumps(dm.dataclasses.asdict(dm.start_config(sigma_max))))
-    newer = set(want) - set(blob["config"])             # Config fields added after the start was trained ...
-    assert blob["config"] == {k: v for k, v in want.items() if k not in newer}
-    assert all(want[k] == getattr(dm.Config, k) for k in newer)   # ... hold their defaults, as loading reads them
-    assert dm.config_from_dict(blob["config"]) == dm.start_config(sigma_max)
+def test_shipped_start_loads_and_denoises(sigma_max):
+    """The committed start loads into the cpu-demo restorer, is small, and is a converged denoiser (far above
+    the noisy input on synthetic test data). tests/test_experiments.py checks how it was made."""
+    blob = dm.read_checkpoint(dm.start_path(sigma_max))
+    assert blob["config"]["sigma_max"] == sigma_max and blob["config"]["method"] == "vanilla"
     assert os.path.getsize(dm.start_path(sigma_max)) < 2e6
     cfg = dm.make_config(sigma_max=sigma_max, real_noise={15.0: "white", 75.0: "camera"}[sigma_max],
                          n_syn=1, n_real=1, n_test=32)

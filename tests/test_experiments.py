@@ -1,5 +1,6 @@
 """experiments.py: the registry and its command line, the Fig. 1a helper, and each experiment's --quick run
 (JSON structure, sane values, figures written). The baselines are tested in tests/test_baselines.py."""
+import dataclasses
 import json
 import math
 import os
@@ -151,3 +152,43 @@ def test_effect_experiment_quick(tmp_path):
         assert d["prediction"]["start_real_hf"]["mean"] > 0
     assert os.path.getsize(os.path.join(out, "effect.png")) > 1000
     assert "| da_live |" in experiments.effect_table(saved)
+
+
+# --- the shipped starts -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("sigma_max", sorted(dm.STARTS))
+def test_shipped_start_is_what_make_start_writes(sigma_max):
+    """The committed start's config is start_config's (fields added to Config later hold their defaults, as
+    loading reads them)."""
+    blob = dm.read_checkpoint(dm.start_path(sigma_max))
+    want = json.loads(json.dumps(dataclasses.asdict(experiments.start_config(sigma_max))))
+    newer = set(want) - set(blob["config"])
+    assert blob["config"] == {k: v for k, v in want.items() if k not in newer}
+    assert all(want[k] == getattr(dm.Config, k) for k in newer)
+    assert dm.config_from_dict(blob["config"]) == experiments.start_config(sigma_max)
+
+
+def test_make_start_writes_a_slim_loadable_start(tmp_path, capsys):
+    path = str(tmp_path / "start.pt")
+    small = dict(n_syn=8, n_real=8, n_test=4, steps=2, eval_every=0, log_every=2)
+    state = experiments.make_start(15.0, path, log=lambda s: None, **small)
+    blob = dm.read_checkpoint(path)
+    assert "denoiser" not in blob and "optimizer" not in blob and blob["step"] == 2
+    G, cfg = dm.load_restorer(path)
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(dm.restore(G, x), dm.restore(state.G_ema.eval(), x))
+    G2 = dm.load_start(dm.RestorerUNet(cfg.r_width, cfg.r_depth), path)             # what start=PATH reads
+    torch.testing.assert_close(dm.restore(G2, x), dm.restore(G, x))
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["--make-start", "--sigma_max", "20"])
+    assert e.value.code == 2 and "no shipped start" in capsys.readouterr().err
+
+
+def test_high_frequency_tools():
+    clean = dm.dead_leaves(4, 32, torch.Generator().manual_seed(0))
+    noisy = clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+    assert experiments.hf_ratio(clean, clean) == pytest.approx(1.0)
+    assert experiments.hf_ratio(noisy, clean) > 1.3                            # noise is high-frequency energy
+    assert torch.equal(experiments.shrink_hf(noisy, 0.0), noisy)
+    assert experiments.hf_ratio(experiments.shrink_hf(noisy, 0.5), clean) < experiments.hf_ratio(noisy, clean)
+    smooth = torch.full((1, 3, 16, 16), 0.3)
+    torch.testing.assert_close(experiments.box5(smooth), smooth)              # a flat image has no high frequencies
