@@ -158,10 +158,9 @@ class Config:
                          f"{Config.restorer}, r_width={Config.r_width}, r_depth={Config.r_depth} only; use start=scratch or a checkpoint path")
         if self.start not in ("shipped", "scratch") and not os.path.isfile(self.start):
             bad("start", "must be auto, shipped, scratch or the path of an existing checkpoint.pt")
-        if self.hinge not in ("batch", "auto", "x0"):
-            bad("hinge", "must be batch, auto or x0")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            bad("precision", "must be auto, fp32, bf16 or fp16")
+        for name, choices in (("hinge", ("batch", "auto", "x0")), ("precision", ("auto", "fp32", "bf16", "fp16"))):
+            if getattr(self, name) not in choices:
+                bad(name, "must be " + " or ".join(choices))
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             bad("device", "must be auto, cpu, cuda, cuda:N or mps")
         # every number: finite (NaN and inf compare False with everything, so they would slip through
@@ -312,10 +311,8 @@ CCM = torch.tensor([[1.75, -0.55, -0.20],
 def bayer_masks(h, w, device=None):
     """RGGB mosaic: (3, h, w) 0/1 masks saying which colour each photosite measures."""
     m = torch.zeros(3, h, w, device=device)
-    m[0, 0::2, 0::2] = 1
-    m[1, 0::2, 1::2] = 1
-    m[1, 1::2, 0::2] = 1
-    m[2, 1::2, 1::2] = 1
+    for c, dy, dx in ((0, 0, 0), (1, 0, 1), (1, 1, 0), (2, 1, 1)):                  # R G / G B
+        m[c, dy::2, dx::2] = 1
     return m
 
 
@@ -338,15 +335,11 @@ def camera_noise(y, gen=None, shot=(1e-3, 1e-2), read=(1e-6, 1e-4)):
     image is unchanged and the clean target stays y (as a real dataset's ground truth is made by the
     same pipeline from a noise-free capture)."""
     n, _, h, w = y.shape
-    dev = y.device
-
-    def log_uniform(lo, hi):
-        return torch.exp(math.log(lo) + torch.rand(n, 1, 1, 1, generator=gen).to(dev) * math.log(hi / lo))
-    a, b = log_uniform(*shot), log_uniform(*read)
+    dev, ccm, masks = y.device, CCM.to(y.device), bayer_masks(h, w, y.device)
+    a, b = (torch.exp(math.log(lo) + torch.rand(n, 1, 1, 1, generator=gen).to(dev) * math.log(hi / lo))
+            for lo, hi in (shot, read))                                             # log-uniform per image
     wb = 1.6 + 0.8 * torch.rand(n, 3, 1, 1, generator=gen).to(dev)                 # red/blue white-balance gains
     wb[:, 1] = 1.0
-    ccm = CCM.to(dev)
-    masks = bayer_masks(h, w, dev)
 
     def to_srgb(raw):                                                               # the camera's processing P
         lin = torch.einsum("ij,njhw->nihw", ccm, demosaic_bilinear(raw, masks) * wb)
@@ -499,14 +492,11 @@ def shake_blur(y, gen=None):
     return camera_noise(x.clamp(0, 1), gen, shot=(1e-4, 1e-3), read=(1e-7, 1e-5))
 
 
-# task -> its synthetic degradation fn(y, gen=None, **params) with "params" the Config fields it reads, and
-# its built-in real-like ones fn(y, gen). A new task is one entry here (its degradations above). For
-# denoising, each real-like domain also names the synthetic AWGN range it is paired with ("sigma_max"; it
-# fills Config.sigma_max when that is None):
-#   white:  sRGB noise of sigma 30-60 against AWGN sigma <= 15. A converged synthetic restorer leaves visible
-#           residual noise on it (the paper's failure mode on real noise), so shrinking high frequencies helps.
-#   camera: Bayer-pipeline noise against the paper's AWGN sigma <= 75. The converged restorer already
-#           over-smooths it, so nothing that only smooths can help: the counter-case.
+# task -> its synthetic degradation fn(y, gen=None, **params), "params" naming the Config fields it takes, and
+# its real-like ones fn(y, gen). A new task is one entry here. For denoising, each real-like domain comes with
+# the synthetic range it is paired with ("sigma_max", used when Config.sigma_max is None): on `white` a
+# converged synthetic restorer leaves residual noise (the paper's failure mode); on `camera`, against the
+# paper's sigma <= 75, it already over-smooths (the counter-case; docs/effect.md measures both).
 # NOTE(simplification): every task works in [0, 1]; the official code uses [-1, 1] for deraining and
 # deblurring (official code: data/dataset.py). Rain and blur draw their strengths from fixed ranges.
 TASKS = {
@@ -870,11 +860,8 @@ def channel_shuffle(c_syn, c_real, enabled=True):
     condition slot holds the synthetic and which the real image, so eps_theta cannot learn "slot 2 is
     always the real one". Redrawn on every call. The noisy y_t is not touched (it stays in front).
     Returns (c1, c2, swapped) with swapped: (B,) bool."""
-    # Why it matters: in Algorithm A the noised image is y_syn, and y_syn_hat shows that very scene. Without
-    # CS eps_theta can simply read the fixed synthetic slot and ignore the other one, so the diffusion loss
-    # asks G for little more than L_Res already does (measured here: naive joint training ends within
-    # +0.05..+0.12 dB of vanilla after 3000 steps, docs/paper-vs-miniature.md). With CS it must compare
-    # both slots with y_t, so the restored real image can matter to its prediction.
+    # Why: the noised image is y_syn, and y_syn_hat shows that very scene. Without CS eps_theta can read the
+    # fixed synthetic slot and ignore the other, so the loss asks G for little more than L_Res does.
     if not enabled:
         return c_syn, c_real, torch.zeros(c_syn.shape[0], dtype=torch.bool, device=c_syn.device)
     swapped = torch.rand(c_syn.shape[0], device=c_syn.device) < 0.5                 # (B,)
@@ -899,19 +886,16 @@ def charbonnier(pred, target, eps=1e-3):
 def triplet_hinge(eps, eps_pos, eps_neg, margin=0.1):
     """Eq. (3) as in the official code: relu(MSE(eps, eps_pos) - MSE(eps, eps_neg) + margin), with each
     MSE averaged over the WHOLE batch, so there is one hinge per batch, not one per sample."""
-    # The margin is in units of the noise MSE. At dada-min's CPU sizes the negatives are already more than
-    # 0.1 worse than the positives from about step 100 on, so the hinge (and its gradient) is usually 0;
-    # it then only acts on the batches where a negative comes close.
+    # In noise-MSE units. At dada-min's CPU sizes the negatives are soon more than 0.1 worse than the
+    # positives, so the hinge (and its gradient) is 0 on most steps (history: hinge_active_frac).
     return F.relu(F.mse_loss(eps_pos, eps) - F.mse_loss(eps_neg, eps) + margin)
 
 
 def x0_hinge(eps, eps_pos, eps_neg, gamma, margin=1e-2):
     """NOTE(simplification): not the paper's form; an opt-in alternative to triplet_hinge (hinge="x0").
-    One hinge per sample, on errors rescaled from noise units to image units: since
-    y0_hat - y0 = -sqrt((1 - gamma) / gamma) * (eps_hat - eps), the x0-scale error is (1 - gamma) / gamma
-    times the noise MSE. The batch-mean noise MSE is dominated by the few samples drawn near gamma = 1, where
-    an error in y0 is amplified by gamma / (1 - gamma) (up to 1e6 with beta_start = 1e-6), so any batch
-    margin is cleared by them alone; per sample in image units, every noise level gets a comparable say.
+    One hinge per sample on image-unit errors: y0_hat - y0 = -sqrt((1 - gamma) / gamma) (eps_hat - eps), so
+    the x0 error is (1 - gamma) / gamma times the noise MSE. In the batch mean the few samples near gamma = 1
+    (noise errors amplified up to 1e6) clear any margin alone; per sample in x0 units every level counts.
     gamma: (B,). Returns mean over samples of relu(err_x0(pos) - err_x0(neg) + margin)."""
     w = ((1 - gamma) / gamma).float()                                                # (B,)
     pos = ((eps_pos - eps) ** 2).flatten(1).mean(1)                                 # (B,) per-sample noise MSE
@@ -1073,11 +1057,10 @@ def init_state(cfg, device, fast=True, G=None):
     # fp16 has a narrow exponent range: scale the loss up so small gradients do not flush to zero
     _, needs_scaler = pick_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
-    hist = {"step": [], "loss_res": [], "loss_dif": [], "alpha": [], "hinge": [],
-            "eval_step": [], "syn_psnr": [], "real_psnr": [], "diag_cos": [],
-            # RS methods: share of the steps since the last evaluation with hinge > 0, and their mean
-            # MSE(neg) - MSE(pos) (batch-mean noise MSEs): is the contrastive term alive?
-            "hinge_active_frac": [], "neg_pos_gap": []}
+    # per log step, then per evaluation; for RS methods the share of steps since the last evaluation with
+    # hinge > 0 and their mean MSE(neg) - MSE(pos) (batch-mean noise MSEs): is the contrastive term alive?
+    hist = {k: [] for k in ("step", "loss_res", "loss_dif", "alpha", "hinge", "eval_step", "syn_psnr", "real_psnr",
+                            "diag_cos", "hinge_active_frac", "neg_pos_gap")}
     return TrainState(cfg, G, copy.deepcopy(G).requires_grad_(False), D,
                       NoiseSchedule(cfg.T, cfg.beta_start, cfg.beta_end).to(device), opt, 0, hist,
                       scaler=scaler)
@@ -1288,14 +1271,11 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
                 guard.fail(f"evaluation at step {step + 1}: synthetic PSNR {m['syn_psnr']}, "
                            f"real-like PSNR {m['real_psnr']}")
             cos = mechanism_diagnostic(state, *diag) if uses_diffusion and diag else float("nan")
-            h["eval_step"].append(step + 1)
-            h["syn_psnr"].append(m["syn_psnr"])
-            h["real_psnr"].append(m["real_psnr"])
-            h["diag_cos"].append(cos)
             active, gap = (rs_stats[:2] / rs_stats[2].clamp(min=1)).tolist() if contrast else (float("nan"),) * 2
             rs_stats.zero_()
-            h["hinge_active_frac"].append(active)
-            h["neg_pos_gap"].append(gap)
+            for k, v in (("eval_step", step + 1), ("syn_psnr", m["syn_psnr"]), ("real_psnr", m["real_psnr"]),
+                         ("diag_cos", cos), ("hinge_active_frac", active), ("neg_pos_gap", gap)):
+                h[k].append(v)
             log(f"[{cfg.method}] eval @ {step + 1}: synthetic PSNR {m['syn_psnr']:.2f} dB, "
                 f"real-like PSNR {m['real_psnr']:.2f} dB" + ("" if math.isnan(cos) else f", diagnostic cos {cos:+.3f}")
                 + ("" if not contrast else f", hinge active on {active:.0%} of steps (mean gap {gap:.3g})"))
