@@ -1,7 +1,7 @@
 """dada-min: Denoising as Adaptation, in one readable file.
 
-Implements "Denoising as Adaptation: Noise-Space Domain Adaptation for Image Restoration"
-(Liao, Yue, Wang, Loy; ICLR 2025, arXiv 2406.18516).
+Implements "Denoising as Adaptation: Noise-Space Domain Adaptation for Image Restoration" (Liao, Yue, Wang, Loy;
+ICLR 2025, arXiv 2406.18516).
 
 The idea in four lines:
   1. A restorer G (residual UNet, y_hat = x + R(x)) is trained on synthetic pairs (x_syn, y_syn).
@@ -11,24 +11,19 @@ The idea in four lines:
      and residual-swapping contrastive learning (negatives x_syn + R_real and x_real + R_syn).
   4. At test time the denoiser is thrown away: restoring is one pass of G.
 
-Read top to bottom; the sections, in this order:
-  config and presets (Config, PRESETS, the shipped starts) -> built-in data for all tasks (TASKS) ->
-  networks (RestorerUNet, RESTORERS, ConditionalDenoiser) -> noise schedule -> the two anti-shortcut tricks ->
-  losses -> training (train_step, the plug-in hook for other methods, train) -> checkpoints ->
-  inference (restore) -> metrics -> the demo -> the command line (main).
+Read top to bottom; the sections, in order: config and presets (Config, PRESETS, STARTS) -> built-in data for all tasks
+(TASKS) -> networks (RestorerUNet, RESTORERS, ConditionalDenoiser) -> noise schedule -> the two anti-shortcut tricks ->
+losses -> training (train_step, plug-ins, train) -> checkpoints -> inference (restore) -> metrics -> demo -> CLI (main).
 
-"Algorithm A" below is the joint training of the paper's Sec. 3 as the official code runs it (Noise-DA,
-diff_flag=1): restore both domains with G, noise y_syn, predict the noise conditioned on the channel-shuffled
-pair (y_syn_hat, y_real_hat), add the RS hinge, one Adam step on G and eps_theta together. "Algorithm B" is
-its variant "Ours-Ex" (diff_flag=2): an unpaired clean image is noised instead, without negatives.
+"Algorithm A" below is that joint training (Sec. 3) as the official code runs it (Noise-DA, diff_flag=1); "Algorithm B"
+is its variant "Ours-Ex" (diff_flag=2): an unpaired clean image is noised instead, without negatives.
 
     python dada_min.py --demo          # vanilla vs DA vs oracle from the shipped start (~2.5 min on 2 CPU cores)
     python dada_min.py --method da --steps 600 --out runs/da     # train one method on built-in data
     python dada_min.py --help          # every config field is a flag
 
-The harness sits beside this file and imports it; this file never imports it: folders.py (your own images:
-train | restore | evaluate), experiments.py (the paper's tables and figures in miniature), baselines.py
-(DANN and pixel-space DA), bench.py (throughput).
+The harness sits beside this file and imports it (not the reverse): folders.py (your own images: train | restore |
+evaluate), experiments.py (the paper's tables and figures in miniature), baselines.py (DANN, pixel-space DA), bench.py.
 """
 
 # ----------------------------------------------------------------------------------------------------------
@@ -64,21 +59,15 @@ METHODS = {
     "no_contrast": (True, True, False, "syn", "both"),      # ablation: without residual swapping (RS)
     "naive":       (True, False, False, "syn", "both"),     # naive joint training, Table 4 (d)
     "da_ex":       (True, True, False, "ref", "both"),      # "Ours-Ex": noise an unpaired clean image, CS only
-    "oracle":      (False, False, False, None, None),       # G on REAL pairs: an upper bound using ground truth
-                                                            # that the method itself never sees
+    "oracle":      (False, False, False, None, None),       # G on REAL pairs (unseen by the method): upper bound
     # Table 4's last two rows; the paper does not say how they were built, so this is our reading:
-    "only_syn":    (True, False, False, "syn", "syn"),      # both condition slots hold y_syn_hat: real images
-                                                            # never reach eps_theta (their gradient is zero)
-    "only_real":   (True, False, False, "syn", "real"),     # both slots hold y_real_hat: the noised y_syn is
-                                                            # conditioned only on unrelated real outputs
-    # more methods plug in from other modules (register_method): baselines.py adds "dann" and "pixel_da"
+    "only_syn":    (True, False, False, "syn", "syn"),      # both slots y_syn_hat: real images never reach eps_theta
+    "only_real":   (True, False, False, "syn", "real"),     # both slots y_real_hat, unrelated to the noised y_syn
 }
 
 
-# NOTE(simplification): the defaults are the cpu-demo scale: tiny networks (G ~0.13M instead of 8.56M
-# parameters, eps_theta ~0.2M instead of ~62M, no dropout), 32 px crops of generated 48 px images, and a 10x
-# higher learning rate so that a run finishes in about a minute on a laptop CPU. The `paper` preset holds
-# the official sizes.
+# NOTE(simplification): the defaults are the cpu-demo scale, a minute a run on a laptop CPU: G ~0.13M parameters (not
+# 8.56M), eps_theta ~0.2M (not ~62M), no dropout, 32 px crops, 10x the learning rate; `paper` has the official sizes.
 @dataclass
 class Config:
     # --- run ---
@@ -94,18 +83,14 @@ class Config:
     n_syn: int = 512              # clean images behind the synthetic training pairs
     n_real: int = 512             # unpaired real-like training images (from OTHER clean images)
     n_test: int = 64              # images in each of the synthetic and real-like test sets
-    real_noise: str = "auto"      # real-like domain, one of TASKS[task]["real"]; auto: the task's first one.
-                                  # denoise: white (sRGB Poisson-Gauss, sigma 30-60) | camera (Bayer pipeline);
-                                  # derain: layered (streak layers + haze); deblur: shake (camera shake + noise)
-    sigma_max: float = None       # synthetic AWGN (denoise): sigma ~ U[0, sigma_max] / 255 per image (paper: 75);
-                                  # None: the range the real-like domain is paired with (white 15, camera 75)
+    real_noise: str = "auto"      # real-like domain in TASKS[task]["real"], auto: the first (denoise: white | camera)
+    sigma_max: float = None       # AWGN sigma ~ U[0, sigma_max]/255 (paper: 75); None: the one paired with real_noise
     # --- restorer G (residual UNet) ---
     restorer: str = "unet"        # G's architecture, one of RESTORERS (a new one is one entry there)
     r_width: int = 16             # channels at the first level (paper: 64)
     r_depth: int = 3              # UNet levels; inputs are padded to a multiple of 2^(depth-1) (paper: 4)
-    start: str = "auto"           # G's starting weights: shipped (data/start-awgn{sigma_max}.pt, a converged
-                                  # synthetic-only restorer, see STARTS) | scratch | PATH of a checkpoint.pt;
-                                  # auto: shipped where one fits (start_matches), else scratch
+    start: str = "auto"           # G's starting weights: shipped (data/start-awgn{sigma_max}.pt, see STARTS) | scratch
+                                  # | a checkpoint.pt PATH; auto: shipped where one fits (start_matches), else scratch
     # --- conditional denoiser eps_theta ---
     d_width: int = 16             # base channels (paper: 64)
     d_mults: tuple = (1, 2)       # channel multiplier per level (paper: 1,2,4,8)
@@ -122,16 +107,13 @@ class Config:
     alpha_max: float = 0.2        # final weight of the diffusion loss (official diff_weight)
     ramp_frac: float = 0.5        # fraction of training over which alpha ramps up (official: 300 epochs)
     margin: float = 0.1           # triplet hinge margin, Eq. (3) (official: 0.1); for hinge=x0 in x0 units
-    hinge: str = "batch"          # RS hinge: batch (official: one hinge on batch-mean noise MSEs) | auto
-                                  # (batch, margin = running mean of the measured MSE(neg) - MSE(pos)) | x0
-                                  # (one hinge per sample on errors rescaled to image units; see x0_hinge)
+    hinge: str = "batch"          # RS hinge: batch (official) | auto (adaptive margin, rs_margin) | x0 (x0_hinge)
     # --- optimisation ---
     steps: int = 400              # training steps
     batch_size: int = 16          # synthetic pairs per step (and as many real images)
     lr: float = 1e-3              # Adam learning rate, constant, shared by G and eps_theta (paper: 1e-4)
     ema_decay: float = 0.995      # EMA of G's weights; evaluation uses the EMA copy (paper: 0.9999)
-    # NOTE(simplification): the official code tracks an EMA but evaluates the raw G; short runs are
-    # noisy, so dada-min evaluates (and restores with) the EMA copy.
+    # NOTE(simplification): the official code evaluates the raw G; short runs are noisy, so dada-min uses the EMA copy.
     eval_every: int = 100         # evaluate PSNR and the mechanism diagnostic every N steps (0: only at the end)
     log_every: int = 100          # print losses every N steps
 
@@ -163,15 +145,12 @@ class Config:
                 bad(name, "must be " + " or ".join(choices))
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             bad("device", "must be auto, cpu, cuda, cuda:N or mps")
-        # every number: finite (NaN and inf compare False with everything, so they would slip through
-        # later checks and surface as NaN losses or obscure errors), integer where the field is an int
+        # numbers: finite (NaN/inf compare False with everything and would slip through), integers in int fields
         rules = [(("image_size", "patch_size", "n_syn", "n_real", "n_test", "r_width", "r_depth", "d_width",
                    "d_res_blocks", "t_min", "t_max", "steps", "batch_size", "log_every"), lambda v: v >= 1, ">= 1"),
                  (("eval_every",), lambda v: v >= 0, ">= 0 (0: evaluate only at the end)"),
-                 (("T",), lambda v: v >= 2, ">= 2"),
-                 (("seed",), lambda v: True, ""),
-                 (("sigma_max", "alpha_max", "margin"), lambda v: v >= 0, ">= 0"),
-                 (("lr",), lambda v: v > 0, "> 0"),
+                 (("T",), lambda v: v >= 2, ">= 2"), (("seed",), lambda v: True, ""),
+                 (("sigma_max", "alpha_max", "margin"), lambda v: v >= 0, ">= 0"), (("lr",), lambda v: v > 0, "> 0"),
                  (("ramp_frac",), lambda v: 0 < v <= 1, "in (0, 1]"),
                  (("ema_decay", "d_dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
                  (("beta_start", "beta_end"), lambda v: 0 < v < 1, "in (0, 1)")]
@@ -197,31 +176,23 @@ class Config:
 
 
 PRESETS = {
-    # Finishes `--demo` (three trainings) in about 3 minutes on 2 CPU cores.
-    "cpu-demo": dict(),
-    # A few seconds: used by the tests and quick CI runs.
-    "tiny": dict(image_size=32, patch_size=16, n_syn=32, n_real=32, n_test=8, r_width=8, r_depth=2,
-                 d_width=8, d_mults=(1, 2), steps=20, batch_size=4, eval_every=10, log_every=10),
-    # A larger run for one GPU (minutes).
+    "cpu-demo": dict(),                      # `--demo` (three trainings) in about 3 minutes on 2 CPU cores
+    "tiny": dict(image_size=32, patch_size=16, n_syn=32, n_real=32, n_test=8, r_width=8, r_depth=2, d_width=8,
+                 d_mults=(1, 2), steps=20, batch_size=4, eval_every=10, log_every=10),  # seconds: the tests, CI
     "gpu": dict(image_size=96, patch_size=64, n_syn=4096, n_real=4096, n_test=128, r_width=32, r_depth=4,
                 d_width=64, d_mults=(1, 2, 4), d_res_blocks=2, steps=6000, batch_size=32, lr=5e-4,
-                ema_decay=0.999, eval_every=1000, log_every=250),
-    # The official network sizes (official code: models/net/UNet.py and the guided-diffusion UNet): G depth 4 width 64, eps_theta base 64, mults 1,2,4,8,
-    # two residual blocks per level, bottleneck attention, dropout 0.2, 128 px patches, lr 1e-4.
-    # Parameters: G 8,559,171 and eps_theta 62,643,075, the same as the official two networks layer for
-    # layer (python bench.py --preset paper prints them).
-    "paper": dict(image_size=160, patch_size=128, n_syn=1024, n_real=1024, n_test=64, sigma_max=75.0,
-                  r_width=64, r_depth=4, d_width=64, d_mults=(1, 2, 4, 8), d_res_blocks=2, d_attn=True,
-                  d_dropout=0.2, batch_size=3, lr=1e-4, ema_decay=0.9999, steps=100000, eval_every=5000,
-                  log_every=500),
+                ema_decay=0.999, eval_every=1000, log_every=250),                       # one GPU, minutes
+    # The official sizes (official code: models/net/UNet.py and the guided-diffusion UNet), 128 px patches, lr 1e-4:
+    # G 8,559,171 and eps_theta 62,643,075 parameters, the official networks layer for layer (bench.py prints them).
+    "paper": dict(image_size=160, patch_size=128, n_syn=1024, n_real=1024, n_test=64, sigma_max=75.0, r_width=64,
+                  r_depth=4, d_width=64, d_mults=(1, 2, 4, 8), d_res_blocks=2, d_attn=True, d_dropout=0.2,
+                  batch_size=3, lr=1e-4, ema_decay=0.9999, steps=100000, eval_every=5000, log_every=500),
 }
 
 
-# The paper's regime: the official alpha ramp spans 300 epochs (~1e5 steps), so G is a converged synthetic
-# denoiser long before the diffusion loss weighs anything. dada-min ships such restorers for the cpu-demo
-# sizes (our own weights, ~0.5 MB each: vanilla, 6000 steps on seed 0's built-in data), one per synthetic
-# range of the built-in domains (TASKS["denoise"]["sigma_max"]); `python experiments.py --make-start`
-# remakes them. DA, vanilla and the oracle then all continue from the same start for the same steps.
+# The paper's regime: the official alpha ramp spans 300 epochs (~1e5 steps), so G is a converged synthetic denoiser
+# long before the diffusion loss weighs anything. dada-min ships such restorers (vanilla, 6000 steps, cpu-demo sizes),
+# one per range in TASKS["denoise"]["sigma_max"] (`python experiments.py --make-start`); all demo methods start there.
 STARTS = {15.0: "start-awgn15.pt", 75.0: "start-awgn75.pt"}        # sigma_max -> file in data/
 
 
@@ -240,8 +211,7 @@ def make_config(preset="cpu-demo", **overrides):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
+    if unknown := sorted(set(overrides) - names):
         raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
     return Config(**{**PRESETS[preset], **overrides}).validate()
 
@@ -249,19 +219,15 @@ def make_config(preset="cpu-demo", **overrides):
 # ----------------------------------------------------------------------------------------------------------
 # Data: clean images, the two degradations, four pools
 # ----------------------------------------------------------------------------------------------------------
-# NOTE(simplification): clean images come from a dead-leaves generator instead of DIV2K/Flickr2K/WED/BSD,
-# and the real-like training and test sets from a simulated camera pipeline instead of SIDD, so that no
-# download is needed and the real-like ground truth is known (for the oracle and the diagnostic only).
+# NOTE(simplification): clean images come from a dead-leaves generator instead of DIV2K/Flickr2K/WED/BSD, the real-like
+# sets from a simulated camera instead of SIDD: no download, and a known real-like ground truth (oracle, diagnostic).
 def dead_leaves(n, size, gen, n_discs=250, min_radius=3.0, device="cpu", chunk=32):
-    """Clean images with natural-image statistics: the dead-leaves model (occluding discs whose radii
-    follow p(r) ~ r^-3, the scale-invariant choice, each with a gentle shading ramp). min_radius (px)
-    keeps the finest detail distinguishable from noise for a tiny restorer. Rendered at 2x and
-    box-downsampled for soft edges. Random numbers come from `gen` on the CPU, so the images are the
-    same on every device. Returns (n, 3, size, size) in [0, 1]."""
+    """Clean images with natural-image statistics: the dead-leaves model (occluding discs, radii following p(r) ~ r^-3,
+    the scale-invariant choice, each with a gentle shading ramp), rendered at 2x and box-downsampled for soft edges.
+    `gen` draws on the CPU, so the images are the same on every device. Returns (n, 3, size, size) in [0, 1]."""
     s = 2 * size
-    r_min, r_max = 2.0 * min_radius, s / 2                                           # in render pixels
-    u = torch.rand(n, n_discs, generator=gen)
-    # inverse-CDF sampling of p(r) ~ r^-3 on [r_min, r_max]
+    r_min, r_max = 2.0 * min_radius, s / 2    # render px; min_radius keeps detail distinguishable from noise for tiny G
+    u = torch.rand(n, n_discs, generator=gen)                # inverse-CDF sampling of p(r) ~ r^-3 on [r_min, r_max]
     radius = ((r_min ** -2 - u * (r_min ** -2 - r_max ** -2)) ** -0.5).to(device)   # (n, K)
     centre = (torch.rand(n, n_discs, 2, generator=gen) * s).to(device)              # (n, K, 2) as (y, x)
     colour = (torch.rand(n, n_discs, 3, generator=gen) ** 1.5).to(device)           # (n, K, 3), darker bias
@@ -275,20 +241,17 @@ def dead_leaves(n, size, gen, n_discs=250, min_radius=3.0, device="cpu", chunk=3
         dy = ar.view(1, 1, s, 1) - c[:, :, 0, None, None]                           # (m, K, s, 1)
         dx = ar.view(1, 1, 1, s) - c[:, :, 1, None, None]                           # (m, K, 1, s)
         inside = (dy ** 2 + dx ** 2 < r[:, :, None, None] ** 2).flatten(2)          # (m, K, s*s)
-        # dead leaves: each pixel shows the FIRST disc that covers it (argmax returns the first max)
-        front = inside.to(torch.uint8).argmax(1)                                    # (m, s*s)
-
-        def pick(v):                                                                # per-pixel disc parameter
-            return v[i:i + chunk].gather(1, front[..., None].expand(-1, -1, v.shape[-1]))
-        shade = 1 + (pick(slope) * (yx - pick(centre))).sum(-1, keepdim=True)       # (m, s*s, 1)
-        img = torch.where(inside.any(1)[..., None], pick(colour) * shade, background[i:i + chunk, None])
+        front = inside.to(torch.uint8).argmax(1)        # (m, s*s): the FIRST disc over each pixel (argmax: first max)
+        slope_px, centre_px, colour_px = (v[i:i + chunk].gather(1, front[..., None].expand(-1, -1, v.shape[-1]))
+                                          for v in (slope, centre, colour))         # that disc's parameters
+        shade = 1 + (slope_px * (yx - centre_px)).sum(-1, keepdim=True)             # (m, s*s, 1)
+        img = torch.where(inside.any(1)[..., None], colour_px * shade, background[i:i + chunk, None])
         out.append(img.view(-1, s, s, 3).permute(0, 3, 1, 2))                       # (m, 3, s, s)
     return F.avg_pool2d(torch.cat(out), 2).clamp(0, 1)
 
 
 def add_awgn(y, sigma_max, gen=None):
-    """Synthetic degradation: x = y + N(0, sigma^2), sigma ~ U[0, sigma_max]/255 per image, no clipping
-    (as the official denoising code)."""
+    """Synthetic degradation: x = y + N(0, sigma^2), sigma ~ U[0, sigma_max]/255 per image, unclipped (as official)."""
     sigma = torch.rand(y.shape[0], 1, 1, 1, generator=gen, device=y.device) * sigma_max / 255
     return y + sigma * torch.randn(y.shape, generator=gen, device=y.device)
 
@@ -303,9 +266,7 @@ def linear_to_srgb(x):
 
 
 # camera RGB -> linear sRGB colour-correction matrix (rows sum to 1, typical saturation boost)
-CCM = torch.tensor([[1.75, -0.55, -0.20],
-                    [-0.25, 1.55, -0.30],
-                    [0.05, -0.60, 1.55]])
+CCM = torch.tensor([[1.75, -0.55, -0.20], [-0.25, 1.55, -0.30], [0.05, -0.60, 1.55]])
 
 
 def bayer_masks(h, w, device=None):
@@ -317,33 +278,27 @@ def bayer_masks(h, w, device=None):
 
 
 def demosaic_bilinear(raw, masks):
-    """Bilinear demosaicing of (n, 1, h, w) raw data into (n, 3, h, w). Interpolation spreads each
-    photosite's noise over its neighbours: the source of the spatial correlation of camera noise."""
+    """Bilinear demosaicing of (n, 1, h, w) raw data into (n, 3, h, w)."""
     k_rb = torch.tensor([[1., 2., 1.], [2., 4., 2.], [1., 2., 1.]], device=raw.device) / 4
     k_g = torch.tensor([[0., 1., 0.], [1., 4., 1.], [0., 1., 0.]], device=raw.device) / 4
     kernels = torch.stack([k_rb, k_g, k_rb])[:, None]                               # (3, 1, 3, 3)
     planes = F.pad(raw * masks, (1, 1, 1, 1), mode="reflect")                       # (n, 3, h+2, w+2)
-    return F.conv2d(planes, kernels, groups=3)
+    return F.conv2d(planes, kernels, groups=3)  # spreads each photosite's noise: camera noise is spatially correlated
 
 
 def camera_noise(y, gen=None, shot=(1e-3, 1e-2), read=(1e-6, 1e-4)):
-    """Real-like degradation: signal-dependent Poisson-Gaussian noise added on a Bayer mosaic in linear
-    camera space, then demosaiced, white-balanced, colour-corrected and gamma-encoded, so the noise in
-    the sRGB image is spatially correlated, colour-correlated and depends on brightness.
-    shot, read: log-uniform ranges of the per-image shot gain a and read variance b (var = a*x + b).
-    Only the noise goes through the pipeline: x = y + P(raw + n) - P(raw), so that without noise the
-    image is unchanged and the clean target stays y (as a real dataset's ground truth is made by the
-    same pipeline from a noise-free capture)."""
+    """Real-like degradation: Poisson-Gaussian noise added on a Bayer mosaic in linear camera space, then demosaiced,
+    white-balanced, colour-corrected and gamma-encoded, so the sRGB noise is correlated in space and colour and depends
+    on brightness. Only the noise goes through the pipeline, x = y + P(raw + n) - P(raw): the clean target stays y."""
     n, _, h, w = y.shape
     dev, ccm, masks = y.device, CCM.to(y.device), bayer_masks(h, w, y.device)
     a, b = (torch.exp(math.log(lo) + torch.rand(n, 1, 1, 1, generator=gen).to(dev) * math.log(hi / lo))
-            for lo, hi in (shot, read))                                             # log-uniform per image
+            for lo, hi in (shot, read))  # shot gain a, read variance b (var = a*x + b), log-uniform per image
     wb = 1.6 + 0.8 * torch.rand(n, 3, 1, 1, generator=gen).to(dev)                 # red/blue white-balance gains
     wb[:, 1] = 1.0
 
     def to_srgb(raw):                                                               # the camera's processing P
-        lin = torch.einsum("ij,njhw->nihw", ccm, demosaic_bilinear(raw, masks) * wb)
-        return linear_to_srgb(lin)
+        return linear_to_srgb(torch.einsum("ij,njhw->nihw", ccm, demosaic_bilinear(raw, masks) * wb))
     cam = torch.einsum("ij,njhw->nihw", torch.linalg.inv(ccm), srgb_to_linear(y)) / wb  # undo CCM and WB
     raw = (cam.clamp(0, 1) * masks).sum(1, keepdim=True)                            # (n, 1, h, w) mosaic
     noisy_raw = raw + torch.sqrt(a * raw + b) * torch.randn(raw.shape, generator=gen).to(dev)
@@ -351,20 +306,16 @@ def camera_noise(y, gen=None, shot=(1e-3, 1e-2), read=(1e-6, 1e-4)):
 
 
 def white_noise(y, gen=None, sigma=(30.0, 60.0)):
-    """A second real-like domain whose residual is high-frequency: spatially and colour-white
-    Poisson-Gaussian noise in sRGB (variance grows with brightness), per-image effective sigma in
-    `sigma`/255, clipped to [0, 1]. Pair it with a narrow synthetic range (e.g. sigma_max=15)."""
-    n = y.shape[0]
-    s = (sigma[0] + (sigma[1] - sigma[0]) * torch.rand(n, 1, 1, 1, generator=gen, device=y.device)) / 255
-    var = s ** 2 * (0.25 + 1.5 * y)          # mean of (0.25 + 1.5 y) is ~1 for y ~ U[0, 1]
+    """A real-like domain with a high-frequency residual: spatially and colour-white Poisson-Gaussian noise in sRGB."""
+    s = (sigma[0] + (sigma[1] - sigma[0]) * torch.rand(y.shape[0], 1, 1, 1, generator=gen, device=y.device)) / 255
+    var = s ** 2 * (0.25 + 1.5 * y)          # grows with brightness; the mean of (0.25 + 1.5 y) is ~1 for y ~ U[0, 1]
     return (y + var.sqrt() * torch.randn(y.shape, generator=gen, device=y.device)).clamp(0, 1)
 
 
 # --- deraining: rain streaks are a line kernel stamped at random seed points ------------------------------
 def line_kernels(length, angle, width, size, taper=False):
-    """(B, 1, size, size) anti-aliased line segments through the kernel centre, values in [0, 1].
-    length, width (px) and angle (radians from vertical, positive leans right) are (B,) tensors.
-    taper: fade the brightness towards both ends, as a falling drop's streak does."""
+    """(B, 1, size, size) anti-aliased line segments through the kernel centre, in [0, 1]; length, width (px), angle
+    (radians from vertical, + leans right): (B,) each. taper: fade towards both ends, like a falling drop's streak."""
     ar = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     v, u = torch.meshgrid(ar, ar, indexing="ij")                                    # (size, size) down, right
     cy, cx = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)      # (B, 1, 1) line direction
@@ -384,22 +335,19 @@ def uniform(n, lo, hi, gen):
 
 
 def streak_layer(n, h, w, gen, density, length, angle, width, amplitude, taper):
-    """(n, 1, h, w) rain-streak layer in [0, 1]: seed points with per-pixel probability `density`,
-    each with a brightness ~ U[amplitude], convolved with the image's line kernel. Seeds are drawn on a
-    padded canvas so streaks enter from outside the frame. density, length, angle, width: (n,)."""
+    """(n, 1, h, w) rain-streak layer in [0, 1]: seed points with per-pixel probability `density`, each with a
+    brightness ~ U[amplitude], convolved with the image's line kernel. density, length, angle, width: (n,)."""
     size = 2 * int(math.ceil(float(length.max()) / 2 + float(width.max()))) + 1
-    p = size // 2
+    p = size // 2                                   # seeds on a padded canvas: streaks enter from outside the frame
     seeds = (torch.rand(n, 1, h + 2 * p, w + 2 * p, generator=gen) < density.view(-1, 1, 1, 1)).float()
     seeds = seeds * (amplitude[0] + (amplitude[1] - amplitude[0]) * torch.rand(seeds.shape, generator=gen))
-    kernels = line_kernels(length, angle, width, size, taper)                       # (n, 1, size, size)
-    # one kernel per image: images become the channels of a grouped convolution
+    kernels = line_kernels(length, angle, width, size, taper)   # (n, 1, size, size): one per image, in a grouped conv
     return F.conv2d(seeds.view(1, n, h + 2 * p, w + 2 * p), kernels, groups=n).view(n, 1, h, w).clamp(0, 1)
 
 
 def simple_rain(y, gen=None):
-    """Synthetic rain: ONE layer of straight, thin (1 px), equally long streaks of one brightness and
-    one near-vertical angle per image, added to the image (x = y + a * S). Like the rendered rain of
-    synthetic training sets, regular and easy to learn."""
+    """Synthetic rain: ONE layer of straight, thin (1 px), equally long streaks of one brightness and one near-vertical
+    angle per image, x = y + a * S: like the rendered rain of synthetic training sets, regular and easy to learn."""
     n, _, h, w = y.shape
     S = streak_layer(n, h, w, gen, density=uniform(n, 0.004, 0.012, gen), length=uniform(n, 6, 14, gen),
                      angle=uniform(n, -0.15, 0.15, gen), width=torch.ones(n), amplitude=(1.0, 1.0), taper=False)
@@ -408,28 +356,24 @@ def simple_rain(y, gen=None):
 
 
 def layered_rain(y, gen=None):
-    """Real-like rain: two streak layers under one wind direction (far: dense, short, thin, faint;
-    near: sparse, long, 1.5-3.5 px wide), streaks of varying brightness that fade at their ends,
-    composited by screen blending, then a veil of haze (rain accumulation) x = (1 - h) x + h A.
-    The clean target stays y: removing the haze is part of the task, and synthetic rain never has it."""
+    """Real-like rain: two streak layers under one wind (far: dense, short, thin, faint; near: sparse, long, 1.5-3.5 px
+    wide) of varying brightness, fading at their ends, screen-blended, then a veil of haze x = (1 - h) x + h A."""
     n, _, h, w = y.shape
     wind = uniform(n, -0.5, 0.5, gen)                                               # radians, shared by the layers
     far = streak_layer(n, h, w, gen, density=uniform(n, 0.01, 0.03, gen), length=uniform(n, 4, 10, gen),
-                       angle=wind + uniform(n, -0.1, 0.1, gen), width=torch.ones(n), amplitude=(0.15, 0.5),
-                       taper=True)
+                       angle=wind + uniform(n, -0.1, 0.1, gen), width=torch.ones(n), amplitude=(0.15, 0.5), taper=True)
     near = streak_layer(n, h, w, gen, density=uniform(n, 0.002, 0.006, gen), length=uniform(n, 10, 24, gen),
                         angle=wind + uniform(n, -0.1, 0.1, gen), width=uniform(n, 1.5, 3.5, gen),
                         amplitude=(0.3, 0.8), taper=True)
     x = 1 - (1 - y) * (1 - far.to(y.device)) * (1 - near.to(y.device))              # screen blend (light adds up)
     haze = uniform(n, 0.05, 0.3, gen).view(-1, 1, 1, 1).to(y.device)               # veil strength
     light = uniform(n, 0.75, 1.0, gen).view(-1, 1, 1, 1).to(y.device)              # atmospheric light A (grey)
-    return ((1 - haze) * x + haze * light).clamp(0, 1)
+    return ((1 - haze) * x + haze * light).clamp(0, 1)  # the target stays y: dehazing is part of the task
 
 
 # --- deblurring: a blurred image is the sharp one convolved with a kernel that sums to 1 -------------------
 def blur(y, kernels):
-    """Convolve each image (B, 3, H, W) with its own kernel (B, 1, k, k) (reflect padding, so the
-    brightness at the borders is kept)."""
+    """Convolve each image (B, 3, H, W) with its own kernel (B, 1, k, k); reflect padding keeps border brightness."""
     n, c, h, w = y.shape
     p = kernels.shape[-1] // 2
     yp = F.pad(y, (p, p, p, p), mode="reflect").reshape(1, n * c, h + 2 * p, w + 2 * p)
@@ -446,9 +390,7 @@ def gaussian_kernels(sigma, size):
 
 
 def simple_blur(y, gen=None, size=11):
-    """Synthetic blur: per image, either a Gaussian (sigma ~ U[0.4, 1.6] px) or a straight linear motion
-    (length ~ U[2, 8] px, any angle), no noise: the regular kernels of synthetic training sets. (Sizes
-    suit the small built-in images; real photos are blurred over more pixels.)"""
+    """Synthetic blur: per image a Gaussian or a straight linear motion, no noise (synthetic sets' regular kernels)."""
     n = y.shape[0]
     gauss = gaussian_kernels(uniform(n, 0.4, 1.6, gen), size)
     line = line_kernels(uniform(n, 2, 8, gen), uniform(n, 0, math.pi, gen), torch.ones(n), size)
@@ -458,50 +400,40 @@ def simple_blur(y, gen=None, size=11):
 
 
 def shake_kernels(n, gen, size=11, steps=48):
-    """Camera-shake kernels: the path of a hand-held camera during the exposure, as a random walk with
-    momentum (the velocity drifts and turns), sampled at equal time steps and splatted bilinearly onto
-    the kernel grid. Slow parts of the path get more weight, as in a real exposure. The path is centred
-    on its mean (so the blur does not shift the image) and scaled to an extent ~ U[1.5, size/2 - 1] px.
-    Returns (n, 1, size, size), each summing to 1."""
+    """Camera-shake kernels: the path of a hand-held camera during the exposure, a random walk with momentum splatted
+    bilinearly onto the kernel grid (slow parts weigh more). Returns (n, 1, size, size), each summing to 1."""
     v = torch.randn(n, 2, generator=gen)
     pos, path = torch.zeros(n, 2), []
-    for _ in range(steps):
+    for _ in range(steps):                                                          # at equal time steps
         v = 0.85 * v + 0.5 * torch.randn(n, 2, generator=gen)                      # momentum + random push
         pos = pos + v
         path.append(pos)
     path = torch.stack(path, 1)                                                     # (n, steps, 2) as (y, x)
-    path = path - path.mean(1, keepdim=True)
-    extent = uniform(n, 1.5, size / 2 - 1, gen).view(-1, 1, 1)
+    path = path - path.mean(1, keepdim=True)                                        # centred: the image is not shifted
+    extent = uniform(n, 1.5, size / 2 - 1, gen).view(-1, 1, 1)                      # px, the path's largest offset
     path = path / path.abs().amax((1, 2), keepdim=True).clamp(min=1e-6) * extent + (size - 1) / 2
-    # bilinear splatting: each path point spreads its weight over the 4 surrounding pixels
-    base = path.floor()
-    frac = path - base
+    base, frac = path.floor(), path - path.floor()
     k = torch.zeros(n, size * size)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            wgt = (frac[..., 0] if dy else 1 - frac[..., 0]) * (frac[..., 1] if dx else 1 - frac[..., 1])
-            idx = ((base[..., 0] + dy) * size + base[..., 1] + dx).long()            # (n, steps)
-            k.scatter_add_(1, idx, wgt)
+    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):           # bilinear splatting: each point weighs on 4 pixels
+        wgt = (frac[..., 0] if dy else 1 - frac[..., 0]) * (frac[..., 1] if dx else 1 - frac[..., 1])
+        idx = ((base[..., 0] + dy) * size + base[..., 1] + dx).long()                # (n, steps)
+        k.scatter_add_(1, idx, wgt)
     return (k / k.sum(1, keepdim=True)).view(n, 1, size, size)
 
 
 def shake_blur(y, gen=None):
-    """Real-like blur: a random camera-shake kernel per image, then mild sensor noise (the camera
-    pipeline of camera_noise at low gain), as in a hand-held shot in dim light."""
-    x = blur(y, shake_kernels(y.shape[0], gen))
-    return camera_noise(x.clamp(0, 1), gen, shot=(1e-4, 1e-3), read=(1e-7, 1e-5))
+    """Real-like blur: a camera-shake kernel per image, then mild sensor noise (camera_noise at low gain)."""
+    return camera_noise(blur(y, shake_kernels(y.shape[0], gen)).clamp(0, 1), gen, shot=(1e-4, 1e-3), read=(1e-7, 1e-5))
 
 
-# task -> its synthetic degradation fn(y, gen=None, **params), "params" naming the Config fields it takes, and
-# its real-like ones fn(y, gen). A new task is one entry here. For denoising, each real-like domain comes with
-# the synthetic range it is paired with ("sigma_max", used when Config.sigma_max is None): on `white` a
-# converged synthetic restorer leaves residual noise (the paper's failure mode); on `camera`, against the
-# paper's sigma <= 75, it already over-smooths (the counter-case; docs/effect.md measures both).
+# task -> its synthetic degradation fn(y, gen=None, **params) ("params": the Config fields it takes) and its real-like
+# ones fn(y, gen); a new task is one entry here. Each real-like denoising domain has its paired synthetic range
+# ("sigma_max", used when Config.sigma_max is None): on `white` a converged synthetic restorer leaves residual noise
+# (the paper's failure mode); on `camera` (the paper's sigma <= 75) it already over-smooths (docs/effect.md).
 # NOTE(simplification): every task works in [0, 1]; the official code uses [-1, 1] for deraining and
 # deblurring (official code: data/dataset.py). Rain and blur draw their strengths from fixed ranges.
 TASKS = {
-    "denoise": {"synthetic": add_awgn, "params": ("sigma_max",),
-                "real": {"white": white_noise, "camera": camera_noise},
+    "denoise": {"synthetic": add_awgn, "params": ("sigma_max",), "real": {"white": white_noise, "camera": camera_noise},
                 "sigma_max": {"white": 15.0, "camera": 75.0}},
     "derain": {"synthetic": simple_rain, "params": (), "real": {"layered": layered_rain}},
     "deblur": {"synthetic": simple_blur, "params": (), "real": {"shake": shake_blur}},
@@ -509,30 +441,22 @@ TASKS = {
 
 
 def degrade_synthetic(cfg, y, gen=None):
-    """x_syn: clean y (B, 3, H, W) through cfg.task's synthetic degradation, called with its own parameters
-    (the Config fields TASKS[cfg.task]["params"] names: sigma_max for denoising, none for rain and blur)."""
+    """x_syn: clean y (B, 3, H, W) through cfg.task's synthetic degradation, given the Config fields in its "params"."""
     task = TASKS[cfg.task]
     return task["synthetic"](y, gen=gen, **{k: getattr(cfg, k) for k in task["params"]})
 
 
 @dataclass
 class Data:
-    """The four pools, each (N, 3, H, W) in [0, 1] and already on the training device.
-    syn_clean:  clean images; synthetic inputs are made from them online (fresh noise every step)
-    real_noisy: unpaired real-like training images (their clean versions are never used by DA)
-    real_clean: ONLY for the oracle and for the mechanism diagnostic (the method never sees it); None
-                for a folder of real images without ground truth (load_folder_data)
-    test_*:     synthetic and real-like test sets with ground truth
-    syn_pairs:  None (synthetic inputs are made online from syn_clean), or ready-made synthetic pairs
-                (N, 6, H, W) = cat[input, target] along C from a folder (load_folder_data)"""
-    syn_clean: torch.Tensor
-    real_noisy: torch.Tensor
-    real_clean: torch.Tensor
-    test_syn_noisy: torch.Tensor
+    """The four pools, each (N, 3, H, W) in [0, 1] and already on the training device."""
+    syn_clean: torch.Tensor         # clean images; synthetic inputs are made from them online (fresh noise every step)
+    real_noisy: torch.Tensor        # unpaired real-like training images (their clean versions are never used by DA)
+    real_clean: torch.Tensor        # ONLY for the oracle and the diagnostic; None without ground truth (a folder)
+    test_syn_noisy: torch.Tensor    # test_*: the synthetic and real-like test sets with ground truth
     test_syn_clean: torch.Tensor
     test_real_noisy: torch.Tensor
     test_real_clean: torch.Tensor
-    syn_pairs: torch.Tensor = None
+    syn_pairs: torch.Tensor = None  # or ready-made pairs from a folder (N, 6, H, W) = cat[input, target] along C
 
     def to(self, device):
         return Data(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
@@ -541,20 +465,12 @@ class Data:
 def make_data(cfg, device="cpu"):
     """Deterministic built-in data from cfg.seed: four disjoint sets of clean images."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    task = TASKS[cfg.task]
-    real_fn = task["real"][cfg.real_noise]
-    n, s = cfg.n_syn + cfg.n_real + 2 * cfg.n_test, cfg.image_size
-    clean = dead_leaves(n, s, gen)
-    syn_clean, real_clean, test_syn_clean, test_real_clean = clean.split(
-        [cfg.n_syn, cfg.n_real, cfg.n_test, cfg.n_test])
-    data = Data(syn_clean=syn_clean,
-                real_noisy=real_fn(real_clean, gen),
-                real_clean=real_clean,
-                test_syn_noisy=degrade_synthetic(cfg, test_syn_clean, gen),
-                test_syn_clean=test_syn_clean,
-                test_real_noisy=real_fn(test_real_clean, gen),
-                test_real_clean=test_real_clean)
-    return data.to(device)
+    real_fn = TASKS[cfg.task]["real"][cfg.real_noise]
+    sizes = [cfg.n_syn, cfg.n_real, cfg.n_test, cfg.n_test]
+    syn_clean, real_clean, test_syn_clean, test_real_clean = dead_leaves(sum(sizes), cfg.image_size, gen).split(sizes)
+    return Data(syn_clean=syn_clean, real_noisy=real_fn(real_clean, gen), real_clean=real_clean,
+                test_syn_noisy=degrade_synthetic(cfg, test_syn_clean, gen), test_syn_clean=test_syn_clean,
+                test_real_noisy=real_fn(test_real_clean, gen), test_real_clean=test_real_clean).to(device)
 
 
 def dihedral(x, k):
@@ -564,32 +480,25 @@ def dihedral(x, k):
 
 
 def random_crops(pool, n, patch):
-    """n random patches (n, C, patch, patch) from a pool (N, C, H, W), each with its own random crop
-    and one of the 8 dihedral transforms. Channels stay together, so stacking (input, target) along C
-    keeps pairs aligned. One gather, no host synchronisation: the GPU never waits for the CPU here."""
-    N, C, H, W = pool.shape
-    dev = pool.device
+    """n random patches (n, C, patch, patch) from a pool (N, C, H, W), each with its own crop and one of the 8 dihedral
+    transforms, in one gather without a host sync; channels stay together, so (input, target) stacked along C align."""
+    (N, C, H, W), dev = pool.shape, pool.device
     idx = torch.randint(N, (n,), device=dev)
-    oy = torch.randint(H - patch + 1, (n,), device=dev)
-    ox = torch.randint(W - patch + 1, (n,), device=dev)
+    oy, ox = (torch.randint(side - patch + 1, (n,), device=dev) for side in (H, W))   # crop offsets
     k = torch.randint(8, (n,), device=dev)
-    # A dihedral transform only moves pixels, so applying it to a grid of (row, col) coordinates gives,
-    # for every output pixel, the crop pixel it comes from. Indexing with these maps crops and
-    # transforms in one step (a loop over k with boolean masks would need .any(), a host sync).
+    # A dihedral transform only moves pixels: applied to a (row, col) grid it maps each output pixel to its crop pixel,
+    # so one indexing step crops and transforms (a loop over k with boolean masks would need .any(), a host sync).
     ar = torch.arange(patch, device=dev)
     grid = torch.stack(torch.meshgrid(ar, ar, indexing="ij"))                       # (2, p, p) as (row, col)
     maps = torch.stack([dihedral(grid, t) for t in range(8)])[k]                    # (n, 2, p, p)
-    iy = oy[:, None, None] + maps[:, 0]                                             # (n, p, p)
-    ix = ox[:, None, None] + maps[:, 1]                                             # (n, p, p)
+    iy, ix = oy[:, None, None] + maps[:, 0], ox[:, None, None] + maps[:, 1]         # (n, p, p) each
     return pool[idx[:, None, None], :, iy, ix].permute(0, 3, 1, 2)                  # (n, C, p, p)
 
 
 def syn_batch(data, cfg):
-    """Synthetic pairs (x_syn, y_syn), both (B, 3, p, p): crop + augment the clean image, then degrade
-    (or, for ready-made pairs from a folder, crop both halves of a pair together)."""
-    if data.syn_pairs is not None:
-        both = random_crops(data.syn_pairs, cfg.batch_size, cfg.patch_size)       # (B, 6, p, p)
-        return both[:, :3], both[:, 3:]
+    """Synthetic pairs (x_syn, y_syn), both (B, 3, p, p): crop + augment the clean image, then degrade."""
+    if data.syn_pairs is not None:                  # ready-made pairs from a folder: crop both halves together
+        return random_crops(data.syn_pairs, cfg.batch_size, cfg.patch_size).split(3, 1)   # (B, 6, p, p) in halves
     y_syn = random_crops(data.syn_clean, cfg.batch_size, cfg.patch_size)
     return degrade_synthetic(cfg, y_syn), y_syn
 
@@ -601,13 +510,11 @@ def real_batch(data, cfg):
 
 def real_pairs_batch(data, cfg):
     """(x_real, y_real) pairs for the oracle and the diagnostic: same crop and transform for both."""
-    both = random_crops(torch.cat([data.real_noisy, data.real_clean], 1), cfg.batch_size, cfg.patch_size)
-    return both[:, :3], both[:, 3:]
+    return random_crops(torch.cat([data.real_noisy, data.real_clean], 1), cfg.batch_size, cfg.patch_size).split(3, 1)
 
 
 def ref_batch(data, cfg):
-    """Unpaired clean images y_c for "Ours-Ex": drawn independently of the synthetic batch (the
-    official code's default reference list is the synthetic ground truth, shuffled separately)."""
+    """Unpaired clean images y_c for "Ours-Ex": the synthetic ground truth, drawn apart from the batch (as official)."""
     return random_crops(data.syn_clean, cfg.batch_size, cfg.patch_size)
 
 
@@ -619,30 +526,26 @@ def conv3(c_in, c_out):
 
 
 class RestorerUNet(nn.Module):
-    """G: the official RestorationNet in miniature. Each level: two 3x3 convs + LeakyReLU(0.2), then
-    average pooling; the decoder upsamples bilinearly, concatenates the skip and applies two convs.
-    No normalisation. forward() returns the RESIDUAL R(x); the restored image is x + R(x)."""
+    """G: the official RestorationNet in miniature, no normalisation: per level two 3x3 convs + LeakyReLU(0.2), then
+    average pooling; the decoder upsamples bilinearly, concatenates the skip, two convs. forward() returns R(x)."""
 
     def __init__(self, width=16, depth=3):
         super().__init__()
         self.depth = depth
         chans = [width * 2 ** i for i in range(depth)]                              # e.g. 16, 32, 64
         act = nn.LeakyReLU(0.2)
-        self.down = nn.ModuleList()
-        c_prev = 3
+        self.down, c_prev = nn.ModuleList(), 3
         for c in chans:
             self.down.append(nn.Sequential(conv3(c_prev, c), act, conv3(c, c), act))
             c_prev = c
-        self.up_conv = nn.ModuleList()
-        self.up_block = nn.ModuleList()
+        self.up_conv, self.up_block = nn.ModuleList(), nn.ModuleList()
         for c in reversed(chans[:-1]):
             self.up_conv.append(conv3(c_prev, c))                                   # after bilinear x2
             self.up_block.append(nn.Sequential(conv3(2 * c, c), act, conv3(c, c), act))
             c_prev = c
         self.last = conv3(c_prev, 3)
-        # NOTE(simplification): the residual head starts at zero, so G starts as the identity map
-        # (y_hat = x) and short CPU runs never begin worse than the input. The official code uses
-        # Kaiming initialisation everywhere.
+        # NOTE(simplification): the residual head starts at zero, so G starts as the identity map (y_hat = x) and
+        # short CPU runs never begin worse than the input. The official code uses Kaiming initialisation everywhere.
         nn.init.zeros_(self.last.weight), nn.init.zeros_(self.last.bias)
 
     def forward(self, x, return_features=False):                                    # x: (B, 3, H, W)
@@ -656,29 +559,25 @@ class RestorerUNet(nn.Module):
         for conv, block in zip(self.up_conv, self.up_block):
             x = conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
             x = block(torch.cat([x, skips.pop()], 1))                               # (B, 2c, h, w) -> (B, c, h, w)
-        # residual R(x): (B, 3, H, W); the bottleneck features only for the feature-space baseline (DANN)
-        return (self.last(x), features) if return_features else self.last(x)
+        return (self.last(x), features) if return_features else self.last(x)  # R(x) (B, 3, H, W); features: DANN
 
 
 def gamma_embedding(gamma, dim, max_period=10000):
-    """Sinusoidal embedding of the continuous noise level gamma in (0, 1] (SR3/Palette: the network is
-    told gamma itself, not the step index t). (B,) -> (B, dim)."""
+    """Sinusoidal embedding of the continuous noise level gamma in (0, 1]: (B,) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=gamma.device) / half)
-    args = gamma.float()[:, None] * freqs[None]                                     # (B, half)
+    args = gamma.float()[:, None] * freqs[None]         # (B, half); gamma itself, not the step t (SR3/Palette)
     return torch.cat([torch.cos(args), torch.sin(args)], 1)
 
 
 def norm(c):
-    """GroupNorm with 32 groups, as the official denoiser, but never fewer than 2 channels per group.
-    NOTE(simplification): at dada-min's widths (16, 32) 32 groups would be InstanceNorm, so narrow layers get
-    c/2 groups; at c >= 64 this is exactly GroupNorm(32, c)."""
+    """GroupNorm with 32 groups as the official denoiser, but at least 2 channels per group. NOTE(simplification): at
+    dada-min's widths (16, 32) 32 groups would be InstanceNorm, so narrow layers get c/2 groups (c >= 64: 32 groups)."""
     return nn.GroupNorm(min(32, c // 2), c)
 
 
 class ResBlock(nn.Module):
-    """Guided-diffusion residual block: GroupNorm-SiLU-conv, then the noise-level embedding applied as
-    scale-shift (FiLM) after the second norm, SiLU, dropout, conv; optional 2x down/upsampling."""
+    """Guided-diffusion residual block: norm-SiLU-conv, norm + FiLM by gamma, SiLU-dropout-conv; 2x resampling."""
 
     def __init__(self, c_in, c_out, emb_dim, dropout=0.0, resample=None):
         super().__init__()
@@ -691,11 +590,8 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
 
     def _resample(self, x):
-        if self.resample == "down":
-            return F.avg_pool2d(x, 2)
-        if self.resample == "up":
-            return F.interpolate(x, scale_factor=2, mode="nearest")
-        return x
+        return (F.avg_pool2d(x, 2) if self.resample == "down" else
+                F.interpolate(x, scale_factor=2, mode="nearest") if self.resample == "up" else x)
 
     def forward(self, x, emb):
         h = self.conv1(self._resample(self.in_layers(x)))
@@ -705,17 +601,12 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Multi-head self-attention over all positions (used at the bottleneck only, as in the official
-    denoiser, where attn_res never matches any other level). Heads of 32 channels, as the official
-    num_head_channels=32 (16 heads at 512 channels); one head when c is not a multiple of 32. The
-    number of heads does not change the parameter count."""
+    """Multi-head self-attention over all positions, at the bottleneck only, heads of 32 channels (both as official)."""
 
     def __init__(self, c, head_channels=32):
         super().__init__()
-        self.heads = c // head_channels if c % head_channels == 0 else 1
-        self.norm = norm(c)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)
-        self.proj = nn.Conv2d(c, c, 1)
+        self.heads = c // head_channels if c % head_channels == 0 else 1           # else one (same parameter count)
+        self.norm, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
 
     def forward(self, x, emb=None):
         B, C, H, W = x.shape
@@ -727,8 +618,7 @@ class AttnBlock(nn.Module):
 
 
 class ConditionalDenoiser(nn.Module):
-    """eps_theta: a guided-diffusion style UNet. Input cat[y_t, c1, c2] (B, 9, H, W) and gamma (B,);
-    output the predicted noise eps_hat (B, 3, H, W)."""
+    """eps_theta, a guided-diffusion UNet: cat[y_t, c1, c2] (B, 9, H, W) and gamma (B,) -> eps_hat (B, 3, H, W)."""
 
     def __init__(self, width=32, mults=(1, 2, 2), res_blocks=1, attn=False, dropout=0.0, in_ch=9):
         super().__init__()
@@ -746,8 +636,7 @@ class ConditionalDenoiser(nn.Module):
             if i < len(chans) - 1:                                                  # downsample by a ResBlock
                 self.down.append(ResBlock(c, c, emb_dim, dropout, resample="down"))
                 skip_ch.append(c)
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout),
-                                  AttnBlock(c) if attn else nn.Identity(),
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout), AttnBlock(c) if attn else nn.Identity(),
                                   ResBlock(c, c, emb_dim, dropout)])
         self.up = nn.ModuleList()
         for i, c_out in reversed(list(enumerate(chans))):
@@ -757,10 +646,8 @@ class ConditionalDenoiser(nn.Module):
                 if i > 0 and j == res_blocks:                                       # upsample by a ResBlock
                     self.up.append(ResBlock(c, c, emb_dim, dropout, resample="up"))
         self.out = nn.Sequential(norm(c), nn.SiLU(), conv3(c, 3))
-        # the official code re-initialises every conv and linear layer with Kaiming (He) normal weights and
-        # zero biases, which also overrides guided-diffusion's zero-initialised output convolutions
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+        for m in self.modules():        # as the official code: Kaiming (He) normal weights, zero biases in every conv
+            if isinstance(m, (nn.Conv2d, nn.Linear)):       # and linear layer (guided-diffusion's zero-init ones too)
                 nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
                 nn.init.zeros_(m.bias)
 
@@ -780,18 +667,16 @@ class ConditionalDenoiser(nn.Module):
         return self.out(h)                                                          # eps_hat: (B, 3, H, W)
 
 
-# cfg.restorer -> a function(cfg) that builds G. A new restorer is one entry here: any nn.Module whose forward
-# returns the residual R(x) (same shape as x), with a .depth attribute (restore() pads to 2^(depth-1)) and no
-# batch statistics (train_step restores both domains in one batched pass). Checkpoints record the name, so
-# load_restorer rebuilds the right network. (train(G=module) trains a one-off module without an entry.)
+# cfg.restorer -> a function(cfg) that builds G. A new restorer is one entry here: any nn.Module whose forward returns
+# the residual R(x) (x's shape), with a .depth attribute (restore() pads to a multiple of 2^(depth-1)) and no batch
+# statistics (train_step restores both domains in one pass). Checkpoints record the name; train(G=module) trains one.
 RESTORERS = {"unet": lambda cfg: RestorerUNet(cfg.r_width, cfg.r_depth)}
 
 
 def make_networks(cfg):
     """G and eps_theta as the config describes them (on the CPU, in float32)."""
-    G = RESTORERS[cfg.restorer](cfg)
-    D = ConditionalDenoiser(cfg.d_width, tuple(cfg.d_mults), cfg.d_res_blocks, cfg.d_attn, cfg.d_dropout)
-    return G, D
+    return (RESTORERS[cfg.restorer](cfg),
+            ConditionalDenoiser(cfg.d_width, tuple(cfg.d_mults), cfg.d_res_blocks, cfg.d_attn, cfg.d_dropout))
 
 
 def n_params(model):
@@ -802,22 +687,18 @@ def n_params(model):
 # Noise schedule (DDPM), the forward process of Sec. 3
 # ----------------------------------------------------------------------------------------------------------
 class NoiseSchedule(nn.Module):
-    """Linear betas, computed in float64 and stored as float32 buffers (so .to(device) moves them and
-    autocast never touches them). alphas_cumprod[i] is the paper's alpha_bar_{i+1}; the code calls the
-    continuous version of it gamma."""
+    """Linear betas, computed in float64; alphas_cumprod[i] is the paper's alpha_bar_{i+1} (continuously: gamma)."""
 
     def __init__(self, T=1000, beta_start=1e-6, beta_end=1e-2):
         super().__init__()
         betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-        alphas_cumprod = torch.cumprod(1 - betas, 0)
         self.T = T
-        self.register_buffer("betas", betas.float())
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float())             # (T,), decreasing, in (0, 1)
+        self.register_buffer("betas", betas.float())    # float32 buffers: .to(device) moves them, autocast does not
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())  # (T,), decreasing, in (0, 1)
 
     def sample_gamma(self, n, t_min=1, t_max=None):
-        """SR3-style continuous noise level: t ~ U{t_min..t_max}, gamma ~ U(abar[t], abar[t-1]).
-        The official code uses t in 1..T-1; Table 4 restricts this range. Returns (n,)."""
-        t_max = self.T - 1 if t_max is None else t_max
+        """SR3-style continuous noise level: t ~ U{t_min..t_max}, gamma ~ U(abar[t], abar[t-1]). Returns (n,)."""
+        t_max = self.T - 1 if t_max is None else t_max  # official: t in 1..T-1 (Table 4 varies it)
         ac = self.alphas_cumprod
         t = torch.randint(t_min, t_max + 1, (n,), device=ac.device)
         lo, hi = ac[t], ac[t - 1]
@@ -831,24 +712,18 @@ class NoiseSchedule(nn.Module):
 
     @torch.no_grad()
     def sample(self, denoiser, cond, stride=1):
-        """Ancestral DDPM sampling of y0 given the two conditions cond = cat[c1, c2] (B, 6, H, W).
-        The official code never samples; this exists so notebooks can show what eps_theta learned.
-        stride > 1 visits every stride-th step (a respaced DDPM, same posterior formulas)."""
+        """Ancestral DDPM sampling of y0 given cond = cat[c1, c2], for the notebooks (the official code has none)."""
         ac_all = self.alphas_cumprod
-        ts = list(range(self.T - 1, -1, -stride))
-        y = torch.randn(cond.shape[0], 3, *cond.shape[2:], device=cond.device)
+        ts = list(range(self.T - 1, -1, -stride))                                   # stride > 1: a respaced DDPM
+        y = torch.randn(cond.shape[0], 3, *cond.shape[2:], device=cond.device)     # (B, 3, H, W); cond (B, 6, H, W)
         for i, t in enumerate(ts):
             ac = ac_all[t]
             ac_prev = ac_all[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(ac)
             alpha = ac / ac_prev                                                    # this (respaced) step's 1 - beta
-            gamma = ac.expand(y.shape[0])
-            eps = denoiser(torch.cat([y, cond], 1), gamma).float()
+            eps = denoiser(torch.cat([y, cond], 1), ac.expand(y.shape[0])).float()    # gamma = abar_t
             mean = (y - (1 - alpha) / (1 - ac).sqrt() * eps) / alpha.sqrt()
-            if i + 1 < len(ts):                                                     # no noise at the last step
-                var = (1 - alpha) * (1 - ac_prev) / (1 - ac)
-                y = mean + var.sqrt() * torch.randn_like(y)
-            else:
-                y = mean
+            var = (1 - alpha) * (1 - ac_prev) / (1 - ac)                            # 0 at the last step
+            y = mean + var.sqrt() * torch.randn_like(y) if i + 1 < len(ts) else mean  # no noise at the last step
         return y
 
 
@@ -856,12 +731,10 @@ class NoiseSchedule(nn.Module):
 # The two anti-shortcut tricks
 # ----------------------------------------------------------------------------------------------------------
 def channel_shuffle(c_syn, c_real, enabled=True):
-    """Channel-shuffling layer (CS): for each sample independently, with probability 1/2, swap which
-    condition slot holds the synthetic and which the real image, so eps_theta cannot learn "slot 2 is
-    always the real one". Redrawn on every call. The noisy y_t is not touched (it stays in front).
-    Returns (c1, c2, swapped) with swapped: (B,) bool."""
-    # Why: the noised image is y_syn, and y_syn_hat shows that very scene. Without CS eps_theta can read the
-    # fixed synthetic slot and ignore the other, so the loss asks G for little more than L_Res does.
+    """Channel-shuffling layer (CS): for each sample independently, with p = 1/2, swap which condition slot holds the
+    synthetic and which the real image (redrawn each call; y_t stays in front). Returns (c1, c2, swapped (B,) bool)."""
+    # Why: y_syn_hat shows the noised scene itself; without CS eps_theta reads that fixed slot and ignores the other,
+    # so the loss asks G for little more than L_Res does.
     if not enabled:
         return c_syn, c_real, torch.zeros(c_syn.shape[0], dtype=torch.bool, device=c_syn.device)
     swapped = torch.rand(c_syn.shape[0], device=c_syn.device) < 0.5                 # (B,)
@@ -870,9 +743,8 @@ def channel_shuffle(c_syn, c_real, enabled=True):
 
 
 def residual_swap(x_syn, r_syn, x_real, r_real):
-    """Residual-swapping (RS) negatives, Eq. (2): each input gets the OTHER domain's predicted residual,
-    x_syn + R(x_real) and x_real + R(x_syn). Nothing is detached: the hinge also trains G."""
-    return x_syn + r_real, x_real + r_syn
+    """Residual-swapping (RS) negatives, Eq. (2): x_syn + R_real and x_real + R_syn (the OTHER domain's residual)."""
+    return x_syn + r_real, x_real + r_syn               # nothing detached: the hinge also trains G
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -884,38 +756,29 @@ def charbonnier(pred, target, eps=1e-3):
 
 
 def triplet_hinge(eps, eps_pos, eps_neg, margin=0.1):
-    """Eq. (3) as in the official code: relu(MSE(eps, eps_pos) - MSE(eps, eps_neg) + margin), with each
-    MSE averaged over the WHOLE batch, so there is one hinge per batch, not one per sample."""
-    # In noise-MSE units. At dada-min's CPU sizes the negatives are soon more than 0.1 worse than the
-    # positives, so the hinge (and its gradient) is 0 on most steps (history: hinge_active_frac).
-    return F.relu(F.mse_loss(eps_pos, eps) - F.mse_loss(eps_neg, eps) + margin)
+    """Eq. (3) as the official code: relu(MSE(eps, eps_pos) - MSE(eps, eps_neg) + margin), each MSE over the batch."""
+    # In noise-MSE units; at CPU sizes the negatives soon trail by more than 0.1, so it is mostly 0 (hinge_active_frac).
+    return F.relu(F.mse_loss(eps_pos, eps) - F.mse_loss(eps_neg, eps) + margin)      # ONE hinge per batch
 
 
 def x0_hinge(eps, eps_pos, eps_neg, gamma, margin=1e-2):
-    """NOTE(simplification): not the paper's form; an opt-in alternative to triplet_hinge (hinge="x0").
-    One hinge per sample on image-unit errors: y0_hat - y0 = -sqrt((1 - gamma) / gamma) (eps_hat - eps), so
-    the x0 error is (1 - gamma) / gamma times the noise MSE. In the batch mean the few samples near gamma = 1
-    (noise errors amplified up to 1e6) clear any margin alone; per sample in x0 units every level counts.
-    gamma: (B,). Returns mean over samples of relu(err_x0(pos) - err_x0(neg) + margin)."""
+    """NOTE(simplification): not the paper's form; opt-in instead of triplet_hinge (hinge="x0"). One hinge per sample on
+    image-unit errors: y0_hat - y0 = -sqrt((1 - gamma) / gamma) (eps_hat - eps), so err_x0 = (1 - gamma) / gamma * the
+    noise MSE. In a batch mean the few samples near gamma = 1 clear any margin alone; per sample, every level counts."""
     w = ((1 - gamma) / gamma).float()                                                # (B,)
-    pos = ((eps_pos - eps) ** 2).flatten(1).mean(1)                                 # (B,) per-sample noise MSE
-    neg = ((eps_neg - eps) ** 2).flatten(1).mean(1)
-    return F.relu(w * (pos - neg) + margin).mean()
+    pos, neg = (((e - eps) ** 2).flatten(1).mean(1) for e in (eps_pos, eps_neg))    # (B,) per-sample noise MSEs
+    return F.relu(w * (pos - neg) + margin).mean()      # mean over samples of relu(err_x0(pos) - err_x0(neg) + margin)
 
 
 def diffusion_loss(denoiser, schedule, y0, cond_syn, cond_real, neg=None, shuffle=True, margin=0.1,
                    t_range=(1, None), gamma=None, eps=None, hinge="batch"):
-    """The noise-space loss L_noise.
+    """The noise-space loss L_noise, Eq. (1): MSE(eps, eps_theta(cat[y_t, c1, c2], gamma)) -> (loss, detached parts).
     y0:        (B, 3, H, W) clean image that is noised (y_syn; an unpaired clean image for Ours-Ex)
     cond_syn, cond_real: (B, 3, H, W) restored images y_syn_hat = x_syn + R_syn, y_real_hat = x_real + R_real
-    neg:       None, or the RS negatives (x_syn + R_real, x_real + R_syn)
-    hinge:     "batch" or "auto": Eq. (3) as the official code (triplet_hinge; "auto" only differs in where
-               the caller takes `margin` from); "x0": the per-sample x0_hinge
-    Eq. (1): MSE(eps, eps_theta(cat[y_t, c1, c2], gamma)). With negatives, the negative pass uses the SAME
-    y_t, eps and gamma with its own slot swap, and the loss is (Eq. (1) + Eq. (3)) / 2.
-    Returns (loss, parts) with parts a dict of detached scalars."""
-    B = y0.shape[0]
-    gamma = schedule.sample_gamma(B, *t_range) if gamma is None else gamma          # (B,)
+    neg:       None, or the RS negatives (x_syn + R_real, x_real + R_syn): their pass uses the SAME y_t, eps and
+               gamma with its own slot swap, and the loss is (Eq. (1) + Eq. (3)) / 2
+    hinge:     "batch" or "auto" (only the caller's `margin` differs): Eq. (3), triplet_hinge; "x0": x0_hinge"""
+    gamma = schedule.sample_gamma(y0.shape[0], *t_range) if gamma is None else gamma  # (B,)
     eps = torch.randn_like(y0) if eps is None else eps
     y_t = schedule.q_sample(y0, gamma, eps)                                         # (B, 3, H, W)
     c1, c2, _ = channel_shuffle(cond_syn, cond_real, shuffle)
@@ -932,18 +795,14 @@ def diffusion_loss(denoiser, schedule, y0, cond_syn, cond_real, neg=None, shuffl
 
 
 def alpha_ramp(step, total_ramp_steps, alpha_max=0.2):
-    """Weight of the diffusion loss: DANN-style sigmoid ramp (2 / (1 + exp(-5 p)) - 1) * alpha_max,
-    p = step / total_ramp_steps clipped to 1. Starts at 0, reaches 0.987 * alpha_max.
-    NOTE(simplification): the official code ramps per epoch over 300 epochs of an open-ended run;
-    dada-min ramps per step over cfg.ramp_frac of a fixed number of steps."""
-    p = min(step / max(total_ramp_steps, 1), 1.0)
+    """Weight of the diffusion loss: DANN-style sigmoid ramp (2 / (1 + exp(-5 p)) - 1) * alpha_max: 0 to 0.987 of it.
+    NOTE(simplification): the official code ramps per epoch over 300 epochs; dada-min per step over cfg.ramp_frac."""
+    p = min(step / max(total_ramp_steps, 1), 1.0)       # clipped to 1
     return (2 / (1 + math.exp(-5 * p)) - 1) * alpha_max
 
 
 def condition_pair(which, y_syn_hat, y_real_hat):
-    """The two restored images that fill eps_theta's condition slots C(c1, c2). "both" is the method:
-    (y_syn_hat, y_real_hat). "syn" and "real" are our reading of Table 4's "only syn" / "only real" rows:
-    the same image in both slots, so the other domain never reaches eps_theta."""
+    """The restored images in eps_theta's slots: "both" (y_syn_hat, y_real_hat); "syn" / "real": one of them twice."""
     return {"both": (y_syn_hat, y_real_hat), "syn": (y_syn_hat, y_syn_hat), "real": (y_real_hat, y_real_hat)}[which]
 
 
@@ -953,11 +812,8 @@ def condition_pair(which, y_syn_hat, y_real_hat):
 def pick_device(name="auto"):
     """The one place that decides the device."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} requested but CUDA is not available; use --device auto or cpu")
@@ -965,30 +821,22 @@ def pick_device(name="auto"):
 
 
 def pick_precision(precision, device):
-    """(autocast dtype or None, needs GradScaler). auto: bf16 on GPUs that compute in bf16 natively
-    (compute capability >= 8: A100, H100, RTX 30xx and newer), fp16 + GradScaler on older GPUs (T4,
-    V100: their "bf16 support" is an emulation), plain fp32 on CPU and MPS (autocast there would only
-    slow tiny networks down). An explicit choice is honoured on any device; fp16 off CUDA runs without
-    loss scaling (fp16 gradients can underflow there: use bf16 or fp32 on CPU)."""
+    """(autocast dtype or None, needs GradScaler). auto: bf16 on GPUs that compute in bf16 natively (A100, H100, RTX
+    30xx on: compute capability >= 8), fp16 + GradScaler on older GPUs (T4, V100: "bf16 support" there is an emulation),
+    fp32 on CPU and MPS (autocast would only slow tiny networks down). An explicit choice is honoured on any device."""
     if precision == "auto":
-        if device.type != "cuda":
-            return None, False
-        precision = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-    if precision == "fp32":
-        return None, False
-    if precision == "bf16":
-        return torch.bfloat16, False
-    return torch.float16, device.type == "cuda"
+        precision = ("fp32" if device.type != "cuda" else
+                     "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False),      # fp16 off CUDA: no loss scaling (gradients
+            "fp16": (torch.float16, device.type == "cuda")}[precision]   # can underflow: use bf16 or fp32 on CPU)
 
 
 def fast_path(device, compile=False):
-    """The other switches of the GPU fast path, decided in one place: (switches, note).
+    """The other switches of the GPU fast path, decided in one place: (switches, note); on CPU all are off (plain fp32).
     channels_last:   NHWC activations, the layout tensor-core convolutions want (CUDA only)
     fused_adam:      one kernel for the whole Adam update instead of a few per tensor (CUDA only)
     cudnn_benchmark: let cuDNN time its convolution algorithms once per shape (patches have one shape)
-    compile:         torch.compile the networks, only if asked (it costs minutes of compiling first)
-                     and only on CUDA with Triton; otherwise False, and `note` says why.
-    On CPU every switch is off, so the fast path there is exactly the plain fp32 path."""
+    compile:         only if asked (minutes of compiling first), on CUDA with Triton; else False, `note` says why."""
     cuda = device.type == "cuda"
     note = None
     if compile and not cuda:
@@ -1003,11 +851,9 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-# The hook for methods from other modules (baselines.py is the example). register_method(name, loss, make_net)
-# adds `name` to METHODS as a method without the diffusion loss; train_step then calls
-# loss(state, data, G, x_syn, y_syn) -> (loss, parts) inside autocast. make_net(cfg), if given, builds the
-# method's second network (e.g. DANN's domain critic), which takes eps_theta's place as state.D: the same Adam
-# trains it and checkpoints save it, with no change anywhere else.
+# The hook for methods from other modules: register_method(name, loss, make_net) adds `name` to METHODS without the
+# diffusion loss; train_step then calls loss(state, data, G, x_syn, y_syn) -> (loss, parts) inside autocast.
+# make_net(cfg), if given, builds its second network (DANN's critic) as state.D: one Adam trains it, checkpoints save.
 PLUGINS = {}                          # name -> (loss, make_net)
 
 
@@ -1022,8 +868,7 @@ class TrainState:
     cfg: Config
     G: RestorerUNet                   # the restorer being trained
     G_ema: RestorerUNet               # its exponential moving average (used for evaluation and restore)
-    D: nn.Module                      # eps_theta (thrown away after training; unused by vanilla and oracle),
-                                      # or a plugged-in method's second network (PLUGINS)
+    D: nn.Module                      # eps_theta (unused by vanilla, oracle) or a plug-in's second network
     schedule: NoiseSchedule
     opt: torch.optim.Optimizer        # ONE Adam over G and state.D
     step: int = 0
@@ -1033,11 +878,8 @@ class TrainState:
 
 
 def init_state(cfg, device, fast=True, G=None):
-    """Fresh networks and optimiser, seeded by cfg.seed. fast=False turns off channels_last and the
-    fused Adam (the plain path the benchmark compares against); the weights are the same either way.
-    G: optional restorer to train instead of RestorerUNet: any nn.Module whose forward returns the
-    residual R(x) (same shape as x), with a .depth attribute (restore() pads to 2^(depth-1)) and no
-    batch statistics (train_step restores the synthetic and real batches in one pass)."""
+    """Fresh networks and optimiser, seeded by cfg.seed. fast=False turns off channels_last and the fused Adam (the
+    benchmark's plain path; same weights). G: a restorer to train instead of RestorerUNet (see RESTORERS)."""
     torch.manual_seed(cfg.seed)
     G_default, D = make_networks(cfg)                                               # same eps_theta init either way
     _, make_net = PLUGINS.get(cfg.method, (None, None))
@@ -1047,23 +889,19 @@ def init_state(cfg, device, fast=True, G=None):
             raise ValueError(f"start={cfg.start!r} loads RestorerUNet weights, so it cannot start a custom G; "
                              "pass start='scratch' with G=")
         load_start(G_default, start_path(cfg.sigma_max) if cfg.start == "shipped" else cfg.start)
-    G = G_default if G is None else G
-    G, D = G.to(device), D.to(device)
+    G, D = (G_default if G is None else G).to(device), D.to(device)
     switches, _ = fast_path(device)
     if fast and switches["channels_last"]:                                          # faster convs on tensor cores
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     params = list(G.parameters()) + (list(D.parameters()) if METHODS[cfg.method][0] or make_net else [])
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=fast and switches["fused_adam"])
-    # fp16 has a narrow exponent range: scale the loss up so small gradients do not flush to zero
-    _, needs_scaler = pick_precision(cfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
-    # per log step, then per evaluation; for RS methods the share of steps since the last evaluation with
-    # hinge > 0 and their mean MSE(neg) - MSE(pos) (batch-mean noise MSEs): is the contrastive term alive?
+    _, needs_scaler = pick_precision(cfg.precision, device)                         # fp16: scale the loss up so
+    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None            # small gradients stay nonzero
+    # per log step, then per evaluation (RS methods: is the hinge alive? its active share and mean MSE(neg) - MSE(pos))
     hist = {k: [] for k in ("step", "loss_res", "loss_dif", "alpha", "hinge", "eval_step", "syn_psnr", "real_psnr",
                             "diag_cos", "hinge_active_frac", "neg_pos_gap")}
     return TrainState(cfg, G, copy.deepcopy(G).requires_grad_(False), D,
-                      NoiseSchedule(cfg.T, cfg.beta_start, cfg.beta_end).to(device), opt, 0, hist,
-                      scaler=scaler)
+                      NoiseSchedule(cfg.T, cfg.beta_start, cfg.beta_end).to(device), opt, 0, hist, scaler=scaler)
 
 
 @torch.no_grad()
@@ -1073,43 +911,32 @@ def ema_update(ema, model, decay):
 
 
 def rs_margin(state):
-    """The hinge margin of this step: cfg.margin, or with hinge=auto the running mean of the measured
-    MSE(neg) - MSE(pos) (cfg.margin until the first measurement)."""
-    auto = state.cfg.hinge == "auto" and state.gap_mean is not None
-    return state.gap_mean if auto else state.cfg.margin
+    """This step's hinge margin: cfg.margin, or with hinge=auto the running mean of MSE(neg) - MSE(pos) once known."""
+    return state.gap_mean if state.cfg.hinge == "auto" and state.gap_mean is not None else state.cfg.margin
 
 
 def train_step(state, data, gmodels=None):
-    """One step of the training algorithm (Algorithm A; B for da_ex; see the module docstring). Returns a dict of
-    detached loss tensors (no host synchronisation here: .item() happens only when logging)."""
+    """One step of the training algorithm (Algorithm A; B for da_ex; see the module docstring); returns its losses."""
     cfg, s = state.cfg, state
     G, D = gmodels or (s.G, s.D)                                                    # possibly compiled copies
     uses_diffusion, shuffle, contrast, dif_input, conditions = METHODS[cfg.method]
     device = next(s.G.parameters()).device
     amp_dtype, _ = pick_precision(cfg.precision, device)
-    # line 1: sample a synthetic pair and, independently, an unpaired real image
-    if cfg.method == "oracle":
-        x_syn, y_syn = real_pairs_batch(data, cfg)                                  # ground truth: upper bound
-    else:
-        x_syn, y_syn = syn_batch(data, cfg)                                         # (B, 3, p, p) each
+    x_syn, y_syn = (real_pairs_batch if cfg.method == "oracle" else syn_batch)(data, cfg)  # line 1; oracle: real pairs
     with autocast(device, amp_dtype):
         if uses_diffusion:                                                          # the paper's path
-            x_real = real_batch(data, cfg)
-            # line 2: restore both domains with the same G (one batched pass; G has no batch statistics)
-            r_syn, r_real = G(torch.cat([x_syn, x_real])).float().chunk(2)          # residuals R_syn, R_real
+            x_real = real_batch(data, cfg)                                          # line 1: unpaired, independent
+            r_syn, r_real = G(torch.cat([x_syn, x_real])).float().chunk(2)          # line 2: one G, one batched pass
             y_syn_hat, y_real_hat = x_syn + r_syn, x_real + r_real
             loss_res = charbonnier(y_syn_hat, y_syn)                                # L_Res on synthetic pairs
-            # line 3: the image that is noised: y_syn (Algorithm A) or an unpaired clean image (B)
-            y0 = y_syn if dif_input == "syn" else ref_batch(data, cfg)
-            # line 4: residual-swapped negatives (RS), if enabled
-            neg = residual_swap(x_syn, r_syn, x_real, r_real) if contrast else None
+            y0 = y_syn if dif_input == "syn" else ref_batch(data, cfg)  # line 3: y_syn (A) or unpaired clean (B)
+            neg = residual_swap(x_syn, r_syn, x_real, r_real) if contrast else None  # line 4: RS negatives
             # lines 5-6: noise, shuffle the condition slots (CS), predict the noise, Eq. (1) and (3)
             c_a, c_b = condition_pair(conditions, y_syn_hat, y_real_hat)            # (y_syn_hat, y_real_hat) for DA
             loss_dif, dparts = diffusion_loss(D, s.schedule, y0, c_a, c_b, neg, shuffle,
                                               rs_margin(s), (cfg.t_min, cfg.t_max), hinge=cfg.hinge)
             alpha = alpha_ramp(s.step, cfg.ramp_frac * cfg.steps, cfg.alpha_max)
-            # line 7: the total loss, one backward through G and eps_theta (nothing detached)
-            loss = loss_res + alpha * loss_dif
+            loss = loss_res + alpha * loss_dif          # line 7: one backward through G and eps_theta, nothing detached
             parts = {"loss_res": loss_res.detach(), "loss_dif": loss_dif.detach(), "alpha": alpha,
                      **({"hinge": dparts["hinge"], "gap": dparts["mse_neg"] - dparts["mse"]} if contrast else {})}
             if contrast and cfg.hinge == "auto":                                    # on the device: no sync
@@ -1118,11 +945,9 @@ def train_step(state, data, gmodels=None):
         elif cfg.method in PLUGINS:                                                 # e.g. baselines.py
             loss, parts = PLUGINS[cfg.method][0](s, data, G, x_syn, y_syn)
         else:                                                                       # vanilla and oracle
-            y_syn_hat = x_syn + G(x_syn)
-            loss_res = charbonnier(y_syn_hat.float(), y_syn)                        # L_Res
+            loss_res = charbonnier((x_syn + G(x_syn)).float(), y_syn)               # L_Res
             loss, parts = loss_res, {"loss_res": loss_res.detach()}
-    # line 8: one optimiser step over both networks, then the EMA of G
-    s.opt.zero_grad(set_to_none=True)
+    s.opt.zero_grad(set_to_none=True)                 # line 8: one optimiser step over both networks, then the EMA of G
     if s.scaler is None:                                                            # fp32 and bf16
         loss.backward()
         s.opt.step()
@@ -1132,15 +957,12 @@ def train_step(state, data, gmodels=None):
         s.scaler.update()                                                           # scale (no sync with fused Adam)
     ema_update(s.G_ema, s.G, min(cfg.ema_decay, (1 + s.step) / (10 + s.step)))   # warm-up: early EMA follows G
     s.step += 1
-    return parts
+    return parts                        # detached loss tensors: no host sync here, .item() only when logging
 
 
 def mechanism_diagnostic(state, x_syn, y_syn, x_real, y_real, gamma=None, draws=4):
-    """Does the diffusion loss push restored real images toward their clean targets?
-    Returns the mean over samples (and `draws` noise draws) of cos(-dL/dR_real, y_real - y_real_hat),
-    where L is the method's diffusion loss and R_real the residual G predicts for x_real (so the push
-    through the RS negatives is included). Positive: the loss moves real outputs toward clean.
-    Only possible on built-in data, where the real-like clean images are known."""
+    """Does the diffusion loss push restored real images toward their clean targets? The mean over samples and `draws`
+    noise draws of cos(-dL/dR_real, y_real - y_real_hat), L the method's diffusion loss (RS negatives included)."""
     cfg, G, D = state.cfg, state.G, state.D
     _, shuffle, contrast, _, conditions = METHODS[cfg.method]
     was_training = D.training
@@ -1164,14 +986,12 @@ def mechanism_diagnostic(state, x_syn, y_syn, x_real, y_real, gamma=None, draws=
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss term, the gradient norm or an evaluation score stopped being finite. Nothing non-finite was
-    saved: the checkpoint on disk is that of the last finite evaluation."""
+    """A loss term, the gradient norm or an evaluation score went non-finite; the last finite checkpoint is kept."""
 
 
 class DivergenceGuard:
-    """Watches every step's loss terms and gradient norm for NaN/inf without a host synchronisation (on a
-    GPU the loop runs ahead of the kernels): the first bad step and its values stay on the device until
-    check() reads them, at each log step and before each evaluation, so before any save."""
+    """Watches each step's loss terms and gradient norm for NaN/inf without a host sync (on a GPU the loop runs ahead of
+    the kernels): the first bad step and its values wait on the device until check() reads them, before any save."""
 
     def __init__(self, cfg, device, ckpt=None, saved=None):
         self.cfg, self.ckpt, self.saved = cfg, ckpt, saved                         # saved: step of ckpt on disk
@@ -1188,8 +1008,7 @@ class DivergenceGuard:
         self.values = vals if self.values is None else torch.where(new, vals, self.values)
 
     def check(self):
-        step = int(self.first)                                                      # the host sync
-        if step:
+        if step := int(self.first):                                                 # the host sync
             bad = ", ".join(f"{n}={v:g}" for n, v in zip(self.names, self.values.tolist()) if not math.isfinite(v))
             self.fail(f"training diverged at step {step}: {bad}")
 
@@ -1198,21 +1017,16 @@ class DivergenceGuard:
         if self.amp_dtype is not None:                                              # half precision overflows first
             cause += f" or {'fp16' if self.amp_dtype == torch.float16 else 'bf16'} precision is too narrow " \
                      f"(precision={self.cfg.precision}; try --precision fp32)"
-        if self.ckpt is None:
-            kept = "nothing was saved"
-        elif self.saved is None:
-            kept = f"this run saved nothing to {os.path.dirname(self.ckpt)}"
-        else:
-            kept = f"{self.ckpt} and history.json are kept from step {self.saved}, the last finite evaluation"
+        kept = ("nothing was saved" if self.ckpt is None else
+                f"this run saved nothing to {os.path.dirname(self.ckpt)}" if self.saved is None else
+                f"{self.ckpt} and history.json are kept from step {self.saved}, the last finite evaluation")
         raise TrainingDiverged(f"{what} (not finite). Likely cause: {cause}. Stopped; {kept}.")
 
 
 def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=None):
-    """Train one method (cfg.method) and return its TrainState (with .history).
+    """Train one method (cfg.method); return its TrainState (with .history). on_eval(state) runs after each evaluation.
     out:     directory for checkpoint.pt and history.json (written atomically), or None
-    resume:  continue from out/checkpoint.pt if it exists
-    G:       optional restorer module to use instead of RestorerUNet (see init_state)
-    on_eval: optional on_eval(state), called after each evaluation (e.g. to keep sample restorations)"""
+    resume:  continue from out/checkpoint.pt if it exists; G: a restorer module to train instead of RestorerUNet"""
     cfg.validate()
     device = pick_device(cfg.device)
     data = make_data(cfg, device) if data is None else data.to(device)
@@ -1231,15 +1045,12 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
         torch.backends.cudnn.benchmark = True                                       # fixed patch size: tune once
     # compiled views share their parameters with state.G and state.D; checkpoints save the raw modules
     gmodels = (torch.compile(state.G), torch.compile(state.D)) if switches["compile"] else None
-    uses_diffusion = METHODS[cfg.method][0]
+    uses_diffusion, _, contrast = METHODS[cfg.method][:3]
     # a fixed batch for the mechanism diagnostic (real pairs: the clean half is used only to measure);
-    # without real ground truth (a folder of real images) there is no diagnostic
-    torch.manual_seed(cfg.seed + 1)
+    torch.manual_seed(cfg.seed + 1)                 # without real ground truth (a folder of real images): none
     diag = (*syn_batch(data, cfg), *real_pairs_batch(data, cfg)) if data.real_clean is not None else None
-    # seeded from the step: a run resumed at step k draws its own reproducible batches, not those of 0..k again
-    torch.manual_seed(cfg.seed + 2 + state.step)
+    torch.manual_seed(cfg.seed + 2 + state.step)    # a run resumed at step k draws new batches, not those of 0..k
     h, t0, start = state.history, time.time(), state.step
-    contrast = METHODS[cfg.method][2]
     rs_stats = torch.zeros(3, device=device)                                        # [active steps, sum of gaps, steps]
     guard = DivergenceGuard(cfg, device, ckpt, saved=state.step if state.step else None)
     params = [p for g in state.opt.param_groups for p in g["params"]]
@@ -1299,30 +1110,25 @@ def atomic_write_text(path, text):
 
 
 def raw_module(model):
-    """The module itself, also when it is a torch.compile wrapper: its state dict would prefix every key
-    with '_orig_mod.' and no plain network could load it."""
+    """The module itself, also inside a torch.compile wrapper (whose state dict prefixes each key with '_orig_mod.')."""
     return getattr(model, "_orig_mod", model)
 
 
 def write_checkpoint(path, state, **entries):
-    """Write the config, step and history of state plus `entries` to a temporary file, then rename: an
-    interrupted save never leaves a broken checkpoint. Plain tensors and Python scalars only, so
-    torch.load(weights_only=True) can read it."""
+    """Write state's config, step and history plus `entries` to a temporary file, then rename (never a broken file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     blob = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(state.cfg).items()},
             "step": state.step, "history": state.history, **entries}
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(blob, tmp)
+    torch.save(blob, tmp)                   # plain tensors and Python scalars: torch.load(weights_only=True) reads it
     os.replace(tmp, path)
 
 
 def save_checkpoint(path, state):
-    """Everything a resume needs. The networks are saved unwrapped (raw_module), so keys never carry
-    compile prefixes."""
-    write_checkpoint(path, state,
-                     restorer=raw_module(state.G).state_dict(), restorer_ema=raw_module(state.G_ema).state_dict(),
-                     denoiser=raw_module(state.D).state_dict(), optimizer=state.opt.state_dict(),
-                     rng_cpu=torch.get_rng_state(),
+    """Everything a resume needs; networks are saved unwrapped (raw_module), so keys never carry compile prefixes."""
+    write_checkpoint(path, state, restorer=raw_module(state.G).state_dict(),
+                     restorer_ema=raw_module(state.G_ema).state_dict(), denoiser=raw_module(state.D).state_dict(),
+                     optimizer=state.opt.state_dict(), rng_cpu=torch.get_rng_state(),
                      **({"gap_mean": state.gap_mean} if state.gap_mean is not None else {}),
                      **({"scaler": state.scaler.state_dict()} if state.scaler is not None else {}))  # fp16 only
 
@@ -1342,30 +1148,26 @@ def read_checkpoint(path):
 
 def config_from_dict(d):
     known = {f.name for f in dataclasses.fields(Config)}
-    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
-    return Config(**d).validate()
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}).validate()
 
 
 def load_checkpoint(path, state):
     """Restore a TrainState in place (for resuming)."""
     blob = read_checkpoint(path)
-    raw_module(state.G).load_state_dict(blob["restorer"])
-    raw_module(state.G_ema).load_state_dict(blob["restorer_ema"])
-    raw_module(state.D).load_state_dict(blob["denoiser"])
+    for net, key in ((state.G, "restorer"), (state.G_ema, "restorer_ema"), (state.D, "denoiser")):
+        raw_module(net).load_state_dict(blob[key])
     state.opt.load_state_dict(blob["optimizer"])
     if state.scaler is not None and blob.get("scaler"):                            # resume the fp16 loss scale
         state.scaler.load_state_dict(blob["scaler"])
     state.step, state.history = blob["step"], blob["history"]
-    state.gap_mean = blob.get("gap_mean")
-    if state.gap_mean is not None:
-        state.gap_mean = state.gap_mean.to(next(state.G.parameters()).device)
+    gap = blob.get("gap_mean")
+    state.gap_mean = None if gap is None else gap.to(next(state.G.parameters()).device)
     torch.set_rng_state(blob["rng_cpu"])
     return state
 
 
 def load_start(G, path):
-    """Load a checkpoint's EMA restorer weights into G (the start of a run); a size mismatch is an error
-    that names the file."""
+    """Load a checkpoint's EMA restorer weights into G (a run's start); a size mismatch is an error naming the file."""
     blob = read_checkpoint(path)
     try:
         G.load_state_dict(blob["restorer_ema"])
@@ -1390,13 +1192,12 @@ def load_restorer(path, device="cpu"):
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def restore(G, x):
-    """y_hat = x + G(x) for images of any size: replicate-pad H and W up to a multiple of 2^(depth-1),
-    restore, crop back, clamp to [0, 1]. x: (B, 3, H, W) -> (B, 3, H, W)."""
+    """y_hat = x + G(x) for images of any size, clamped to [0, 1]. x: (B, 3, H, W) -> (B, 3, H, W)."""
     m = 2 ** (G.depth - 1)
     H, W = x.shape[-2:]
     ph, pw = (-H) % m, (-W) % m
-    xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
-    return (xp + G(xp))[..., :H, :W].clamp(0, 1)
+    xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x              # H, W up to a multiple of m
+    return (xp + G(xp))[..., :H, :W].clamp(0, 1)                                    # restore, crop back
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1409,16 +1210,14 @@ def rgb_to_y(x):
 
 
 def quantize_8bit(x):
-    """Round [0, 1] images to the 256 levels of an 8-bit file, as write_image does. Scores are taken on
-    these, as the field does (the SIDD benchmark, BasicSR): restore writes 8-bit files, and the float
-    output, which no saved file holds, can score a tenth of a dB or more apart from them at high PSNR."""
+    """Round [0, 1] images to the 256 levels of an 8-bit file, as write_image does; scores are taken on these, as in
+    the field (SIDD benchmark, BasicSR): saved files are 8-bit, and float outputs score 0.1 dB+ apart at high PSNR."""
     return (x.clamp(0, 1) * 255).round() / 255
 
 
 def psnr(x, y, y_channel=False):
-    """Per-image PSNR in dB for [0, 1] images (B, C, H, W) -> (B,).
-    NOTE(simplification): PSNR and SSIM are computed in PyTorch, on RGB unless y_channel=True; the paper
-    scores SIDD with MATLAB and SPA on the Y channel."""
+    """Per-image PSNR in dB for [0, 1] images (B, C, H, W) -> (B,). NOTE(simplification): PSNR and SSIM are computed
+    in PyTorch, on RGB unless y_channel=True; the paper scores SIDD with MATLAB and SPA on the Y channel."""
     if y_channel:
         x, y = rgb_to_y(x), rgb_to_y(y)
     mse = ((x - y) ** 2).flatten(1).mean(1)
@@ -1426,20 +1225,16 @@ def psnr(x, y, y_channel=False):
 
 
 def ssim(x, y, y_channel=False):
-    """Per-image SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, data
-    range 1, 'valid' windows only, averaged over channels. (B, C, H, W) -> (B,)."""
+    """Per-image SSIM (Wang et al. 2004) on 'valid' windows, averaged over channels. (B, C, H, W) -> (B,)."""
     if y_channel:
         x, y = rgb_to_y(x), rgb_to_y(y)
     C = x.shape[1]
-    g = torch.exp(-(torch.arange(11, dtype=x.dtype, device=x.device) - 5) ** 2 / (2 * 1.5 ** 2))
+    g = torch.exp(-(torch.arange(11, dtype=x.dtype, device=x.device) - 5) ** 2 / (2 * 1.5 ** 2))  # 11 px, sigma 1.5
     g = g / g.sum()
     win = (g[:, None] * g[None, :]).expand(C, 1, 11, 11)
-
-    def filt(z):
-        return F.conv2d(z, win, groups=C)
-    mx, my = filt(x), filt(y)
-    vx, vy, cxy = filt(x * x) - mx ** 2, filt(y * y) - my ** 2, filt(x * y) - mx * my
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mx, my, xx, yy, xy = (F.conv2d(z, win, groups=C) for z in (x, y, x * x, y * y, x * y))   # local moments
+    vx, vy, cxy = xx - mx ** 2, yy - my ** 2, xy - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2                                                   # K1, K2; data range 1
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)
 
@@ -1455,9 +1250,7 @@ def evaluate(G, x, y, batch=32):
 
 
 def evaluate_pools(G, data):
-    """Synthetic and real-like test metrics of G."""
-    # Both pools are always scored: adaptation that buys real-like PSNR by losing synthetic PSNR is a
-    # trade, not a gain (the paper's goal keeps synthetic quality; so does the effect criterion here).
+    """Synthetic and real-like test metrics of G, always both: a real-like gain paid in synthetic PSNR is a trade."""
     s = evaluate(G, data.test_syn_noisy, data.test_syn_clean)
     r = evaluate(G, data.test_real_noisy, data.test_real_clean)
     return {"syn_psnr": s["psnr"], "syn_ssim": s["ssim"], "real_psnr": r["psnr"], "real_ssim": r["ssim"]}
@@ -1467,36 +1260,29 @@ def evaluate_pools(G, data):
 # The demo: vanilla vs DA vs oracle on the same built-in data
 # ----------------------------------------------------------------------------------------------------------
 def demo(cfg, out="runs/demo", log=print):
-    """Train vanilla, DA and the oracle on the same built-in data, then print and save a comparison:
-    out/results.json and out/demo.png. Returns the results dict."""
+    """Train vanilla, DA and the oracle on the same built-in data; print and return the comparison, save it to out/."""
     t0 = time.time()
     device = pick_device(cfg.device)
     os.makedirs(out, exist_ok=True)
     log(f"device {device}; generating built-in data ({cfg.task}, real-like domain: {cfg.real_noise}) ...")
     data = make_data(cfg, device)
-    ident = {"syn_psnr": psnr(data.test_syn_noisy.clamp(0, 1), data.test_syn_clean).mean().item(),
-             "real_psnr": psnr(data.test_real_noisy, data.test_real_clean).mean().item(),
-             "syn_ssim": ssim(data.test_syn_noisy.clamp(0, 1), data.test_syn_clean).mean().item(),
-             "real_ssim": ssim(data.test_real_noisy, data.test_real_clean).mean().item()}
+    pools = [("syn", data.test_syn_noisy.clamp(0, 1), data.test_syn_clean),
+             ("real", data.test_real_noisy, data.test_real_clean)]
+    ident = {f"{p}_{k}": fn(x, y).mean().item() for k, fn in (("psnr", psnr), ("ssim", ssim)) for p, x, y in pools}
     results = {"config": dataclasses.asdict(cfg), "device": str(device), "identity": ident}
-    # where all three trainings start: the shipped converged synthetic restorer (or the identity map of a
-    # fresh G, with start=scratch)
     log(f"start: {cfg.start}" + (f" ({start_path(cfg.sigma_max)})" if cfg.start == "shipped" else ""))
     results["start"] = {"start": cfg.start, **evaluate_pools(init_state(cfg, device).G_ema, data)}
     models = {}
     for method in ("vanilla", "da", "oracle"):
         state = train(dataclasses.replace(cfg, method=method), data, log=log)
-        results[method] = evaluate_pools(state.G_ema, data)
-        results[method]["history"] = state.history
-        h = state.history["hinge_active_frac"]
-        results[method]["hinge_active_frac"] = float(np.nanmean(h)) if METHODS[method][2] else None
+        h = state.history
+        active = float(np.nanmean(h["hinge_active_frac"])) if METHODS[method][2] else None
+        results[method] = {**evaluate_pools(state.G_ema, data), "history": h, "hinge_active_frac": active}
         models[method] = state.G_ema
     v, d, o = (results[m]["real_psnr"] for m in ("vanilla", "da", "oracle"))
-    results["da_gain_real_db"] = d - v
-    results["gap_closed"] = (d - v) / (o - v) if o != v else float("nan")
-    results["da_syn_change_db"] = results["da"]["syn_psnr"] - results["vanilla"]["syn_psnr"]
-    results["diag_cos_final"] = results["da"]["history"]["diag_cos"][-1]
-    results["seconds"] = time.time() - t0
+    results.update(da_gain_real_db=d - v, gap_closed=(d - v) / (o - v) if o != v else float("nan"),
+                   da_syn_change_db=results["da"]["syn_psnr"] - results["vanilla"]["syn_psnr"],
+                   diag_cos_final=results["da"]["history"]["diag_cos"][-1], seconds=time.time() - t0)
     atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
     save_comparison_figure(os.path.join(out, "demo.png"), data, models)
     log("\n" + results_table(results))
@@ -1517,8 +1303,7 @@ def results_table(r):
 
 
 def show_image(ax, img, ref=None, title=None, fontsize=8):
-    """Draw one (3, H, W) image on a matplotlib axis without ticks; with ref (3, H, W), label it with its
-    PSNR against ref. Every image grid in the demo and the experiments is drawn with this."""
+    """Draw one (3, H, W) image on a matplotlib axis without ticks, labelled with its PSNR against ref if given."""
     img = img.detach().clamp(0, 1).cpu()
     ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_xticks([]), ax.set_yticks([])
@@ -1550,25 +1335,21 @@ def save_comparison_figure(path, data, models, n=4):
 # ----------------------------------------------------------------------------------------------------------
 def _parse_value(f, text):
     if f.type in (bool, "bool"):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise argparse.ArgumentTypeError(f"--{f.name} expects true/false, got {text!r}")
+        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise argparse.ArgumentTypeError(f"--{f.name} expects true/false, got {text!r}")
+        return text.lower() in ("1", "true", "yes", "on")
     if f.type in (tuple, "tuple"):
         return tuple(int(v) for v in text.split(","))
     return {"int": int, "float": float, "str": str}.get(f.type, f.type)(text)
 
 
 def config_parser(prog, description):
-    """An argparse parser with --preset and one --field flag per Config field; the harness modules
-    (folders.py, experiments.py, bench.py) add their own flags to it."""
+    """An argparse parser with --preset and one --field flag per Config field (the harness adds its own flags)."""
     p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description)
     p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="starting config")
     for f in dataclasses.fields(Config):
         p.add_argument(f"--{f.name}", dest=f"cfg_{f.name}", default=None, metavar="V",
-                       type=lambda text, f=f: _parse_value(f, text),
-                       help=f"config {f.name} (default from the preset)")
+                       type=lambda text, f=f: _parse_value(f, text), help=f"config {f.name} (default from the preset)")
     return p
 
 
@@ -1577,8 +1358,8 @@ def parse_args(parser, argv=None):
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         opts = [o for a in parser._actions for o in a.option_strings]
-        hints = [f"{u} (did you mean {', '.join(difflib.get_close_matches(u.split('=')[0], opts, 2))}?)"
-                 if difflib.get_close_matches(u.split("=")[0], opts, 2) else u for u in unknown]
+        near = [(u, difflib.get_close_matches(u.split("=")[0], opts, 2)) for u in unknown]
+        hints = [f"{u} (did you mean {', '.join(c)}?)" if c else u for u, c in near]
         parser.error("unknown argument(s): " + "; ".join(hints) + ". Run with --help for the list.")
     return args
 
@@ -1611,8 +1392,7 @@ def build_parser():
 
 
 def main(argv=None):
-    """The demo, or one training run on built-in data. Bad flags and values end as an argparse error (exit
-    status 2); a run that diverges ends as one error line and exit status 1, its last finite checkpoint kept."""
+    """The demo, or one training run on built-in data. Bad flags or values: an argparse error (exit status 2)."""
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
     for word, command in MOVED.items():
