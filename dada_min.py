@@ -922,21 +922,26 @@ def train_step(state, data, gmodels=None):
     uses_diffusion, shuffle, contrast, dif_input, conditions = METHODS[cfg.method]
     device = next(s.G.parameters()).device
     amp_dtype, _ = pick_precision(cfg.precision, device)
-    x_syn, y_syn = (real_pairs_batch if cfg.method == "oracle" else syn_batch)(data, cfg)  # line 1; oracle: real pairs
+    # line 1: sample a synthetic pair (the oracle: a real pair) and, independently, an unpaired real image
+    x_syn, y_syn = (real_pairs_batch if cfg.method == "oracle" else syn_batch)(data, cfg)  # (B, 3, p, p) each
     with autocast(device, amp_dtype):
         if uses_diffusion:                                                          # the paper's path
-            x_real = real_batch(data, cfg)                                          # line 1: unpaired, independent
-            r_syn, r_real = G(torch.cat([x_syn, x_real])).float().chunk(2)          # line 2: one G, one batched pass
+            x_real = real_batch(data, cfg)
+            # line 2: restore both domains with the same G (one batched pass; G has no batch statistics)
+            r_syn, r_real = G(torch.cat([x_syn, x_real])).float().chunk(2)          # residuals R_syn, R_real
             y_syn_hat, y_real_hat = x_syn + r_syn, x_real + r_real
             loss_res = charbonnier(y_syn_hat, y_syn)                                # L_Res on synthetic pairs
-            y0 = y_syn if dif_input == "syn" else ref_batch(data, cfg)  # line 3: y_syn (A) or unpaired clean (B)
-            neg = residual_swap(x_syn, r_syn, x_real, r_real) if contrast else None  # line 4: RS negatives
+            # line 3: the image that is noised: y_syn (Algorithm A) or an unpaired clean image (B)
+            y0 = y_syn if dif_input == "syn" else ref_batch(data, cfg)
+            # line 4: residual-swapped negatives (RS), if enabled
+            neg = residual_swap(x_syn, r_syn, x_real, r_real) if contrast else None
             # lines 5-6: noise, shuffle the condition slots (CS), predict the noise, Eq. (1) and (3)
             c_a, c_b = condition_pair(conditions, y_syn_hat, y_real_hat)            # (y_syn_hat, y_real_hat) for DA
             loss_dif, dparts = diffusion_loss(D, s.schedule, y0, c_a, c_b, neg, shuffle,
                                               rs_margin(s), (cfg.t_min, cfg.t_max), hinge=cfg.hinge)
             alpha = alpha_ramp(s.step, cfg.ramp_frac * cfg.steps, cfg.alpha_max)
-            loss = loss_res + alpha * loss_dif          # line 7: one backward through G and eps_theta, nothing detached
+            # line 7: the total loss, one backward through G and eps_theta (nothing detached)
+            loss = loss_res + alpha * loss_dif
             parts = {"loss_res": loss_res.detach(), "loss_dif": loss_dif.detach(), "alpha": alpha,
                      **({"hinge": dparts["hinge"], "gap": dparts["mse_neg"] - dparts["mse"]} if contrast else {})}
             if contrast and cfg.hinge == "auto":                                    # on the device: no sync
@@ -947,7 +952,8 @@ def train_step(state, data, gmodels=None):
         else:                                                                       # vanilla and oracle
             loss_res = charbonnier((x_syn + G(x_syn)).float(), y_syn)               # L_Res
             loss, parts = loss_res, {"loss_res": loss_res.detach()}
-    s.opt.zero_grad(set_to_none=True)                 # line 8: one optimiser step over both networks, then the EMA of G
+    # line 8: one optimiser step over both networks, then the EMA of G
+    s.opt.zero_grad(set_to_none=True)
     if s.scaler is None:                                                            # fp32 and bf16
         loss.backward()
         s.opt.step()

@@ -621,3 +621,15 @@ def test_dada_min_never_imports_the_harness_and_points_to_its_commands(capsys):
         with pytest.raises(SystemExit):
             dm.main(argv)
         assert new in capsys.readouterr().err
+
+
+def test_the_docs_numbers_of_the_networks_match_the_code():
+    """The parameter counts and attention heads that README.md and docs/ state are the code's."""
+    root = os.path.dirname(dm.__file__)
+    read = lambda p: open(os.path.join(root, p), encoding="utf-8").read()           # noqa: E731
+    G, D = dm.make_networks(dm.make_config())                                       # the cpu-demo sizes
+    g, d = dm.n_params(G) / 1e6, dm.n_params(D) / 1e6
+    assert f"restorer ≈ {g:.2f} M parameters, denoiser ≈ {d:.2f} M" in read("docs/deviations.md")
+    assert f"at {d:.1f} M parameters" in read("README.md")
+    assert "16 heads at 512 channels" in read("docs/gpu.md")
+    assert dm.AttnBlock(512).heads == 16 and dm.AttnBlock(512).qkv.out_channels // 3 // 16 == 32
