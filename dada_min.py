@@ -1157,12 +1157,24 @@ def config_from_dict(d):
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}).validate()
 
 
+# a resume continues the same run: it may run longer, at another learning rate, report differently or elsewhere
+RESUME_MAY_CHANGE = ("steps", "lr", "eval_every", "log_every", "device", "precision", "compile")
+
+
 def load_checkpoint(path, state):
-    """Restore a TrainState in place (for resuming)."""
+    """Restore a TrainState in place (for resuming); a config that differs in other fields is an error."""
     blob = read_checkpoint(path)
+    was = blob["config"]
+    now = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(state.cfg).items()}
+    if changed := [k for k in now if k not in RESUME_MAY_CHANGE and k in was and was[k] != now[k]]:
+        raise ValueError(f"cannot resume {path}: it was trained with {', '.join(f'{k}={was[k]!r}' for k in changed)} "
+                         f"but this run has {', '.join(f'{k}={now[k]!r}' for k in changed)}; use the same settings "
+                         "or another output folder")
     for net, key in ((state.G, "restorer"), (state.G_ema, "restorer_ema"), (state.D, "denoiser")):
         raw_module(net).load_state_dict(blob[key])
     state.opt.load_state_dict(blob["optimizer"])
+    for group in state.opt.param_groups:                                            # this run's lr, not the saved one
+        group["lr"] = state.cfg.lr
     if state.scaler is not None and blob.get("scaler"):                            # resume the fp16 loss scale
         state.scaler.load_state_dict(blob["scaler"])
     state.step, state.history = blob["step"], blob["history"]
@@ -1418,6 +1430,8 @@ def main(argv=None):
             print(json.dumps(evaluate_pools(state.G_ema, make_data(cfg, pick_device(cfg.device)))))
     except TrainingDiverged as e:
         return report_divergence("dada_min.py", e)
+    except ValueError as e:                           # e.g. a resume with other settings than its checkpoint's
+        p.error(str(e))
     return 0
 
 

@@ -403,6 +403,28 @@ def test_checkpoint_round_trip_and_resume(tmp_path, tiny_data):
     assert full.step == 6
 
 
+def test_resume_takes_the_new_lr_and_refuses_another_run(tmp_path, tiny_data):
+    out = str(tmp_path / "run")
+    dm.train(dm.make_config("tiny", steps=2, eval_every=2), tiny_data, out=out, log=lambda s: None)
+    longer = dm.train(dm.make_config("tiny", steps=4, eval_every=2, lr=5e-4), tiny_data, out=out, resume=True,
+                      log=lambda s: None)
+    assert longer.step == 4 and all(g["lr"] == 5e-4 for g in longer.opt.param_groups)
+    assert dm.read_checkpoint(os.path.join(out, "checkpoint.pt"))["config"]["lr"] == 5e-4
+    with pytest.raises(ValueError, match=r"cannot resume .*checkpoint.pt.*method='da'.*method='vanilla'"):
+        dm.train(dm.make_config("tiny", steps=6, method="vanilla"), tiny_data, out=out, resume=True,
+                 log=lambda s: None)
+    with pytest.raises(ValueError, match="seed=0.*seed=1"):
+        dm.train(dm.make_config("tiny", steps=6, seed=1), tiny_data, out=out, resume=True, log=lambda s: None)
+
+
+def test_cli_resume_with_other_settings_is_an_argparse_error(tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    assert dm.main(["--preset", "tiny", "--steps", "2", "--eval_every", "2", "--out", out]) == 0
+    with pytest.raises(SystemExit) as e:
+        dm.main(["--preset", "tiny", "--steps", "4", "--r_width", "4", "--out", out, "--resume"])
+    assert e.value.code == 2 and "r_width=8" in capsys.readouterr().err
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned > /tmp/dada_min_pwned",))
