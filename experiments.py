@@ -117,6 +117,14 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path, dpi=100):
+    """Lay out, write and close a figure (every PNG of the experiments goes through here)."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def bar_figure(path, labels, groups, ylabel, title, hline=None):
     """Grouped bars with error bars. groups: {group name: [mean_std per label]}."""
     plt = pyplot()
@@ -131,9 +139,7 @@ def bar_figure(path, labels, groups, ylabel, title, hline=None):
     ax.set_ylim(min(lo, hline if hline is not None else lo) - 1, None)
     ax.set_xticks(np.arange(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel), ax.set_title(title, fontsize=9), ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,9 +338,7 @@ def exp_condition(cfg, out, quick, log=print):
     ax.set_xlabel("AWGN level sigma of the condition (/255)")
     ax.set_ylabel(f"noise-prediction error (x{scale:.0e})")
     ax.set_title(f"Fig. 1a in miniature: mean ± std over {len(seeds)} seed(s)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "condition.png"), dpi=100)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "condition.png"))
     return finish("condition", out, results, t0, c0, log)
 
 
@@ -408,9 +412,7 @@ def exp_shortcut(cfg, out, quick, log=print):
         ax.set_xlabel("training step"), ax.set_ylabel("PSNR (dB)"), ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"Fig. 2 in miniature: mean ± std over {len(seeds)} seed(s)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "shortcut.png"), dpi=100)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "shortcut.png"))
     # images: rows (method x domain), columns: input, up to 5 evaluation steps, ground truth
     y_syn, y_real, x_show = shown
     idx = np.unique(np.linspace(0, len(samples[methods[0]]) - 1, min(5, len(samples[methods[0]]))).round().astype(int))
@@ -425,9 +427,7 @@ def exp_shortcut(cfg, out, quick, log=print):
                        title=title if r == 0 else None, fontsize=7)
             if j == 0:
                 ax.set_ylabel(f"{m}, {('synthetic', 'real-like')[d]}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "shortcut_samples.png"), dpi=100)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "shortcut_samples.png"))
     return finish("shortcut", out, results, t0, c0, log)
 
 
@@ -651,9 +651,7 @@ def _plot_effect(path, res):
         ax.axhline(res["domains"][d]["prediction"]["start_real_psnr"]["mean"], color="k", ls=":", lw=1, label="start")
         ax.set_title(f"real-like domain: {d}", fontsize=9), ax.set_xlabel("training step from the start")
         ax.set_ylabel("real-like PSNR (dB)"), ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -697,9 +695,7 @@ def save_task_figure(path, size=64, seed=0):
     """One row per task: a clean built-in image, its synthetic degradation and each built-in real-like
     one, with the PSNR of each against the clean image. `python -c "import experiments;
     experiments.save_task_figure('docs/tasks.png')"` makes the README's figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     gen = torch.Generator().manual_seed(seed)
     n_cols = 2 + max(len(t["real"]) for t in dm.TASKS.values())
     fig, axes = plt.subplots(len(dm.TASKS), n_cols, figsize=(2.2 * n_cols, 2.4 * len(dm.TASKS)), squeeze=False)
@@ -713,10 +709,7 @@ def save_task_figure(path, size=64, seed=0):
                 continue
             title, img = cols[j]
             dm.show_image(ax, img[0], ref=y[0] if j else None, title=f"{task}: {title}" if j == 0 else title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def build_parser():
