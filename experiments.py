@@ -77,15 +77,6 @@ def fmt(ms, digits=2):
     return f"{ms['mean']:.{digits}f} ± {std}"
 
 
-def identity_metrics(data):
-    """Metrics of doing nothing (the degraded input itself), the floor every method should beat."""
-    syn_in = data.test_syn_noisy.clamp(0, 1)
-    return {"syn_psnr": dm.psnr(syn_in, data.test_syn_clean).mean().item(),
-            "syn_ssim": dm.ssim(syn_in, data.test_syn_clean).mean().item(),
-            "real_psnr": dm.psnr(data.test_real_noisy, data.test_real_clean).mean().item(),
-            "real_ssim": dm.ssim(data.test_real_noisy, data.test_real_clean).mean().item()}
-
-
 def summarize(runs, base=None):
     """Per-seed metric dicts -> mean_std per metric; with `base` (the same seeds' vanilla runs) also the
     paired per-seed gain in real-like PSNR, whose spread is smaller than that of the PSNR itself."""
@@ -160,7 +151,7 @@ def exp_compare(cfg, out, quick, log=print):
     for seed in seeds:
         c = dataclasses.replace(cfg, seed=seed)
         data = dm.make_data(c, device)
-        ident.append(identity_metrics(data))
+        ident.append(dm.identity_metrics(data))
         for m in methods:
             state = dm.train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
             runs[m].append(dm.evaluate_pools(state.G_ema, data))

@@ -655,3 +655,10 @@ def test_the_docs_numbers_of_the_networks_match_the_code():
     assert f"at {d:.1f} M parameters" in read("README.md")
     assert "16 heads at 512 channels" in read("docs/gpu.md")
     assert dm.AttnBlock(512).heads == 16 and dm.AttnBlock(512).qkv.out_channels // 3 // 16 == 32
+
+
+def test_identity_metrics_score_the_inputs(tiny_data):
+    m = dm.identity_metrics(tiny_data)
+    assert set(m) == {"syn_psnr", "syn_ssim", "real_psnr", "real_ssim"}
+    assert m["real_psnr"] == dm.psnr(tiny_data.test_real_noisy, tiny_data.test_real_clean).mean().item()
+    assert m["syn_ssim"] == dm.ssim(tiny_data.test_syn_noisy.clamp(0, 1), tiny_data.test_syn_clean).mean().item()
