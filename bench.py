@@ -3,6 +3,8 @@
     python bench.py --preset gpu                  # one JSON line per (batch, path), then a summary line
     python bench.py --preset paper --batch 3,16   # the official network sizes at two batch sizes
     python bench.py --preset tiny --device cpu --steps 2
+    python bench.py --profile                     # where one DA step spends its time (top operators)
+    python bench.py --repro --method da --steps 100   # same run in fresh processes: twice, 1 thread, other kernels
 
 --steps counts the timed steps (default 20); --batch and --size choose batch sizes and the patch side.
 Every config field is a flag, as for dada_min.py. docs/gpu.md explains the fast path and the numbers.
@@ -142,6 +144,65 @@ def bench(cfg, batches=None, size=None, steps=20, warmup=None, label=None, log=p
     return rows
 
 
+def profile(cfg, steps=20, rows=12, log=print):
+    """Where one DA training step spends its time: torch.profiler over `steps` steps (after 2 untimed ones) on the
+    config's sizes and device; logs ms per step and the top `rows` operators by their own (self) time. Returns
+    ms per step."""
+    device = dm.pick_device(cfg.device)
+    pcfg = dataclasses.replace(cfg, method="da", n_syn=64, n_real=64, n_test=1).validate()
+    data = dm.make_data(pcfg, device)
+    state = dm.init_state(pcfg, device)
+    for _ in range(2):
+        dm.train_step(state, data)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            dm.train_step(state, data)
+        _sync(device)
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    log(f"DA step, batch {pcfg.batch_size}, {pcfg.patch_size} px, {device.type} ({torch.get_num_threads()} threads): "
+        f"{ms:.1f} ms/step under the profiler")
+    log(prof.key_averages().table(sort_by=key, row_limit=rows))
+    return ms
+
+
+REPRO_RUNS = {                    # name -> environment changes: what differs between two machines with one torch build
+    "default": {},
+    "default, again": {},
+    "1 thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    "other CPU kernels": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},   # no AVX
+}
+
+
+def repro(argv, log=print):
+    """Is a run reproducible, and what changes its numbers? Trains the same config (dada_min.py flags in argv, e.g.
+    --method da --steps 100) in a fresh process per REPRO_RUNS entry and logs, per run, the final real-like and
+    synthetic PSNR and the largest weight difference from the first run. Returns {name: (real, syn, max diff)}."""
+    import os
+    import subprocess
+    import tempfile
+    code = ("import sys, torch, dada_min as dm\n"
+            "cfg = dm.parse_config(dm.parse_args(dm.build_parser(), sys.argv[2:]))\n"
+            "s = dm.train(cfg, log=lambda m: None)\n"
+            "torch.save({'w': s.G_eval.state_dict(), 'real': s.history['real_psnr'][-1],\n"
+            "            'syn': s.history['syn_psnr'][-1]}, sys.argv[1])")
+    here, rows = os.path.dirname(os.path.abspath(__file__)), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, env) in enumerate(REPRO_RUNS.items()):
+            path = os.path.join(tmp, f"{i}.pt")
+            subprocess.run([sys.executable, "-c", code, path, *argv], cwd=here, env={**os.environ, **env}, check=True)
+            r = torch.load(path, weights_only=True)
+            ref = ref if i else r
+            diff = max((r["w"][k] - ref["w"][k]).abs().max().item() for k in r["w"])
+            rows[name] = (r["real"], r["syn"], diff)
+            log(f"{name:20s} real-like PSNR {r['real']:.4f} dB, synthetic {r['syn']:.4f} dB, "
+                f"max weight difference from the first run {diff:.3g}  {env or ''}")
+    return rows
+
+
 def _int_list(text):
     try:
         return [int(v) for v in text.split(",")]
@@ -154,6 +215,10 @@ def build_parser():
     p.add_argument("--batch", default=None, metavar="B[,B..]", type=_int_list,
                    help="batch sizes, e.g. 3,16 (default: the preset's batch_size)")
     p.add_argument("--size", default=None, metavar="PX", type=int, help="patch side (default: patch_size)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: profile --steps DA steps at the config's sizes, top operators by own time")
+    p.add_argument("--repro", action="store_true", help="instead: train the config (e.g. --method da --steps 100) in "
+                   "fresh processes, twice as is, with 1 thread and with other CPU kernels; compare the results")
     return p
 
 
@@ -163,7 +228,12 @@ def main(argv=None):
     try:
         cfg = dm.parse_config(args)
         print("config:", json.dumps(dataclasses.asdict(cfg)))
-        bench(cfg, args.batch, args.size, steps=args.cfg_steps or 20, label=args.preset)
+        if args.repro:
+            repro([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--repro"])
+        elif args.profile:
+            profile(cfg, steps=args.cfg_steps or 20)
+        else:
+            bench(cfg, args.batch, args.size, steps=args.cfg_steps or 20, label=args.preset)
     except ValueError as e:
         parser.error(str(e))
     return 0

@@ -18,7 +18,7 @@ losses -> training (train_step, plug-ins, train) -> checkpoints -> inference (re
 "Algorithm A" below is that joint training (Sec. 3) as the official code runs it (Noise-DA, diff_flag=1); "Algorithm B"
 is its variant "Ours-Ex" (diff_flag=2): an unpaired clean image is noised instead, without negatives.
 
-    python dada_min.py --demo          # vanilla vs DA vs oracle from the shipped start (~2.5 min on 2 CPU cores)
+    python dada_min.py --demo          # vanilla vs DA vs oracle from the shipped start (~3 min on 2 CPU cores)
     python dada_min.py --method da --steps 600 --out runs/da     # train one method on built-in data
     python dada_min.py --help          # every config field is a flag
 
@@ -35,10 +35,12 @@ import copy
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import json
 import math
 import numbers
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -71,7 +73,8 @@ METHODS = {
 @dataclass
 class Config:
     # --- run ---
-    method: str = "da"            # one of METHODS
+    method: str = "da"            # what to train, one of METHODS: vanilla | da | oracle | naive | no_shuffle |
+                                  # no_contrast | only_syn | only_real | da_ex (import baselines: dann | pixel_da)
     task: str = "denoise"         # restoration task: denoise | derain | deblur (each has built-in domains)
     seed: int = 0                 # seeds data generation, initialisation and sampling
     device: str = "auto"          # auto (cuda > mps > cpu) | cpu | cuda | mps
@@ -86,9 +89,10 @@ class Config:
     real_noise: str = "auto"      # real-like domain in TASKS[task]["real"], auto: the first (denoise: white | camera)
     sigma_max: float = None       # AWGN sigma ~ U[0, sigma_max]/255 (paper: 75); None: the one paired with real_noise
     # --- restorer G (residual UNet) ---
-    restorer: str = "unet"        # G's architecture, one of RESTORERS (a new one is one entry there)
+    restorer: str = "unet"        # G's architecture, one of RESTORERS: unet (a new one is one entry there)
     r_width: int = 16             # channels at the first level (paper: 64)
     r_depth: int = 3              # UNet levels; inputs are padded to a multiple of 2^(depth-1) (paper: 4)
+    r_zero_head: bool = True      # G's last conv starts at zero, so a fresh G is the identity; false: Kaiming (official)
     start: str = "auto"           # G's starting weights: shipped (data/start-awgn{sigma_max}.pt, see STARTS) | scratch
                                   # | a checkpoint.pt PATH; auto: shipped where one fits (start_matches), else scratch
     # --- conditional denoiser eps_theta ---
@@ -110,10 +114,15 @@ class Config:
     hinge: str = "batch"          # RS hinge: batch (official) | auto (adaptive margin, rs_margin) | x0 (x0_hinge)
     # --- optimisation ---
     steps: int = 400              # training steps
-    batch_size: int = 16          # synthetic pairs per step (and as many real images)
+    batch_size: int = 16          # synthetic pairs per step (and as many real images), per process: under torchrun
+                                  # the global batch is batch_size x the number of processes
     lr: float = 1e-3              # Adam learning rate, constant, shared by G and eps_theta (paper: 1e-4)
-    ema_decay: float = 0.995      # EMA of G's weights; evaluation uses the EMA copy (paper: 0.9999)
-    # NOTE(simplification): the official code evaluates the raw G; short runs are noisy, so dada-min uses the EMA copy.
+    ema_decay: float = 0.995      # decay of the EMA of G's weights, in [0, 1) (official: 0.9999)
+    ema_warmup: bool = True       # warm the decay up as min(ema_decay, (1 + step) / (10 + step)); false: constant
+    eval_ema: bool = True         # evaluate, save for restore and start from the EMA of G; false: the raw G (official)
+    # NOTE(simplification): the official code keeps a constant-decay EMA (of both networks) but scores the raw G; the
+    # `paper` preset does too (for G). Short runs are noisy and a 0.9999 EMA would lag them by 10,000 steps, so the
+    # small presets warm the decay up and score the EMA.
     eval_every: int = 100         # evaluate PSNR and the mechanism diagnostic every N steps (0: only at the end)
     log_every: int = 100          # print losses every N steps
 
@@ -185,14 +194,16 @@ PRESETS = {
     # The official sizes (official code: models/net/UNet.py and the guided-diffusion UNet), 128 px patches, lr 1e-4:
     # G 8,559,171 and eps_theta 62,643,075 parameters, the official networks layer for layer (bench.py prints them).
     "paper": dict(image_size=160, patch_size=128, n_syn=1024, n_real=1024, n_test=64, sigma_max=75.0, r_width=64,
-                  r_depth=4, d_width=64, d_mults=(1, 2, 4, 8), d_res_blocks=2, d_attn=True, d_dropout=0.2,
-                  batch_size=3, lr=1e-4, ema_decay=0.9999, steps=100000, eval_every=5000, log_every=500),
+                  r_depth=4, r_zero_head=False, d_width=64, d_mults=(1, 2, 4, 8), d_res_blocks=2, d_attn=True,
+                  d_dropout=0.2, batch_size=3, lr=1e-4, ema_decay=0.9999, ema_warmup=False, eval_ema=False,
+                  steps=100000, eval_every=5000, log_every=500),
 }
 
 
-# The paper's regime: the official alpha ramp spans 300 epochs (~1e5 steps), so G is a converged synthetic denoiser
-# long before the diffusion loss weighs anything. dada-min ships such restorers (vanilla, 6000 steps, cpu-demo sizes),
-# one per range in TASKS["denoise"]["sigma_max"] (`python experiments.py --make-start`); all demo methods start there.
+# NOTE(simplification): the shipped starts. The official alpha ramp spans 300 epochs (~1e5 steps), so G is a converged
+# synthetic denoiser long before the diffusion loss weighs anything. dada-min ships such restorers (vanilla, 6000 steps,
+# cpu-demo sizes), one per range in TASKS["denoise"]["sigma_max"] (`python experiments.py --make-start`); all demo
+# methods start there.
 STARTS = {15.0: "start-awgn15.pt", 75.0: "start-awgn75.pt"}        # sigma_max -> file in data/
 
 
@@ -525,11 +536,22 @@ def conv3(c_in, c_out):
     return nn.Conv2d(c_in, c_out, 3, padding=1)
 
 
+def kaiming_init(net):
+    """The official initialisation of both networks (its BaseNetwork.init_weights, init_type="kaiming"): Kaiming (He)
+    normal weights, fan_in, gain sqrt(2), and zero biases in every conv and linear layer (guided-diffusion's zero-init
+    output layers included: init_weights runs after the networks are built and overwrites them)."""
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
+            nn.init.zeros_(m.bias)
+    return net
+
+
 class RestorerUNet(nn.Module):
     """G: the official RestorationNet in miniature, no normalisation: per level two 3x3 convs + LeakyReLU(0.2), then
     average pooling; the decoder upsamples bilinearly, concatenates the skip, two convs. forward() returns R(x)."""
 
-    def __init__(self, width=16, depth=3):
+    def __init__(self, width=16, depth=3, zero_head=True):
         super().__init__()
         self.depth = depth
         chans = [width * 2 ** i for i in range(depth)]                              # e.g. 16, 32, 64
@@ -544,9 +566,12 @@ class RestorerUNet(nn.Module):
             self.up_block.append(nn.Sequential(conv3(2 * c, c), act, conv3(c, c), act))
             c_prev = c
         self.last = conv3(c_prev, 3)
-        # NOTE(simplification): the residual head starts at zero, so G starts as the identity map (y_hat = x) and
-        # short CPU runs never begin worse than the input. The official code uses Kaiming initialisation everywhere.
-        nn.init.zeros_(self.last.weight), nn.init.zeros_(self.last.bias)
+        kaiming_init(self)                                                          # as the official code
+        if zero_head:
+            # NOTE(simplification): the residual head starts at zero, so a fresh G is the identity map (y_hat = x).
+            # With Kaiming weights there, its first outputs are noise (about 6-15 dB) and at the small presets' 10x
+            # learning rate a from-scratch G stalls below its input's PSNR (docs/deviations.md, 3); `paper`: off.
+            nn.init.zeros_(self.last.weight), nn.init.zeros_(self.last.bias)
 
     def forward(self, x, return_features=False):                                    # x: (B, 3, H, W)
         skips = []
@@ -646,10 +671,7 @@ class ConditionalDenoiser(nn.Module):
                 if i > 0 and j == res_blocks:                                       # upsample by a ResBlock
                     self.up.append(ResBlock(c, c, emb_dim, dropout, resample="up"))
         self.out = nn.Sequential(norm(c), nn.SiLU(), conv3(c, 3))
-        for m in self.modules():        # as the official code: Kaiming (He) normal weights, zero biases in every conv
-            if isinstance(m, (nn.Conv2d, nn.Linear)):       # and linear layer (guided-diffusion's zero-init ones too)
-                nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)                                                          # as the official code
 
     def forward(self, x, gamma):                                                    # x: (B, 9, H, W), gamma: (B,)
         emb = self.gamma_mlp(gamma_embedding(gamma, self.emb_dim_in))               # (B, 4*width)
@@ -670,7 +692,7 @@ class ConditionalDenoiser(nn.Module):
 # cfg.restorer -> a function(cfg) that builds G. A new restorer is one entry here: any nn.Module whose forward returns
 # the residual R(x) (x's shape), with a .depth attribute (restore() pads to a multiple of 2^(depth-1)) and no batch
 # statistics (train_step restores both domains in one pass). Checkpoints record the name; train(G=module) trains one.
-RESTORERS = {"unet": lambda cfg: RestorerUNet(cfg.r_width, cfg.r_depth)}
+RESTORERS = {"unet": lambda cfg: RestorerUNet(cfg.r_width, cfg.r_depth, cfg.r_zero_head)}
 
 
 def make_networks(cfg):
@@ -782,12 +804,16 @@ def diffusion_loss(denoiser, schedule, y0, cond_syn, cond_real, neg=None, shuffl
     eps = torch.randn_like(y0) if eps is None else eps
     y_t = schedule.q_sample(y0, gamma, eps)                                         # (B, 3, H, W)
     c1, c2, _ = channel_shuffle(cond_syn, cond_real, shuffle)
-    eps_pos = denoiser(torch.cat([y_t, c1, c2], 1), gamma).float()                  # input (B, 9, H, W)
-    mse_pos = F.mse_loss(eps_pos, eps)                                              # Eq. (1)
     if neg is None:
+        eps_pos = denoiser(torch.cat([y_t, c1, c2], 1), gamma).float()              # input (B, 9, H, W)
+        mse_pos = F.mse_loss(eps_pos, eps)                                          # Eq. (1)
         return mse_pos, {"mse": mse_pos.detach()}
     n1, n2, _ = channel_shuffle(neg[0], neg[1], shuffle)                            # its own, independent swap
-    eps_neg = denoiser(torch.cat([y_t, n1, n2], 1), gamma).float()
+    # positives and negatives in ONE denoiser call (the official code makes two): the same maths, since eps_theta has
+    # no batch statistics (GroupNorm is per sample), and dropout draws independent masks either way; faster on a CPU
+    inp = torch.cat([torch.cat([y_t, c1, c2], 1), torch.cat([y_t, n1, n2], 1)])   # (2B, 9, H, W)
+    eps_pos, eps_neg = denoiser(inp, torch.cat([gamma, gamma])).float().chunk(2)    # (B, 3, H, W) each
+    mse_pos = F.mse_loss(eps_pos, eps)                                              # Eq. (1)
     mse_neg = F.mse_loss(eps_neg, eps)
     hinge = (x0_hinge(eps, eps_pos, eps_neg, gamma, margin) if hinge == "x0"
              else triplet_hinge(eps, eps_pos, eps_neg, margin))                      # Eq. (3)
@@ -810,14 +836,63 @@ def condition_pair(which, y_syn_hat, y_real_hat):
 # Training: Algorithm A (DA), B (Ours-Ex), vanilla and oracle in one explicit loop
 # ----------------------------------------------------------------------------------------------------------
 def pick_device(name="auto"):
-    """The one place that decides the device."""
+    """The one place that decides the device. Under torchrun, "auto" and "cuda" mean this process's own GPU."""
     if name == "auto":
         mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} requested but CUDA is not available; use --device auto or cpu")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:                              # torchrun: one GPU per process
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
     return dev
+
+
+# Data parallelism (torchrun): every process runs this same file on its own device with its own batches; DDP averages
+# the gradients of G and eps_theta across processes in backward, so all copies take the same optimiser step. Rank 0
+# logs, evaluates and writes. Without torchrun (no RANK in the environment) nothing here does anything.
+def dist_rank():
+    """(rank, world size): this process's index and the number of processes; (0, 1) without torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank0(log):
+    """`log` on rank 0, a no-op elsewhere: one process speaks for all."""
+    return log if dist_rank()[0] == 0 else (lambda *args, **kwargs: None)
+
+
+def dist_setup(device):
+    """Join the process group torchrun describes (nccl on CUDA, gloo elsewhere); idempotent; no-op alone."""
+    import torch.distributed as dist
+    if dist_rank()[1] > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def dist_teardown():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def dist_any(flag, device):
+    """True on every process if `flag` is true on any of them: so that all stop together, none left waiting."""
+    if dist_rank()[1] == 1:
+        return bool(flag)
+    import torch.distributed as dist
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)                                        # a collective: all ranks call it
+    return bool(t.item())
+
+
+def data_parallel(cfg, G, D, device):
+    """G and eps_theta wrapped in DistributedDataParallel (each is called once per training step); D only if the
+    method trains it. DDP starts every process from rank 0's weights."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if cfg.method in PLUGINS:
+        raise ValueError(f"method {cfg.method!r} (a plug-in) trains single-process only: run it without torchrun")
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(G, device_ids=ids), (DDP(D, device_ids=ids) if METHODS[cfg.method][0] else D)
 
 
 def pick_precision(precision, device):
@@ -867,7 +942,7 @@ class TrainState:
     """Everything a training run produces and a checkpoint holds."""
     cfg: Config
     G: RestorerUNet                   # the restorer being trained
-    G_ema: RestorerUNet               # its exponential moving average (used for evaluation and restore)
+    G_ema: RestorerUNet               # its exponential moving average (scored and used by restore: see G_eval)
     D: nn.Module                      # eps_theta (unused by vanilla, oracle) or a plug-in's second network
     schedule: NoiseSchedule
     opt: torch.optim.Optimizer        # ONE Adam over G and state.D
@@ -875,6 +950,11 @@ class TrainState:
     history: dict = field(default_factory=dict)
     scaler: object = None             # torch.amp.GradScaler for fp16 on CUDA, else None (fp32 and bf16)
     gap_mean: torch.Tensor = None     # hinge=auto: running mean of MSE(neg) - MSE(pos), the adaptive margin
+
+    @property
+    def G_eval(self):
+        """The restorer that is scored and restores: the EMA of G, or G itself with cfg.eval_ema=False (official)."""
+        return self.G_ema if self.cfg.eval_ema else self.G
 
 
 def init_state(cfg, device, fast=True, G=None):
@@ -961,7 +1041,7 @@ def train_step(state, data, gmodels=None):
         s.scaler.scale(loss).backward()                                             # unscale, skip the step if a
         s.scaler.step(s.opt)                                                        # gradient overflowed, adapt the
         s.scaler.update()                                                           # scale (no sync with fused Adam)
-    ema_update(s.G_ema, s.G, min(cfg.ema_decay, (1 + s.step) / (10 + s.step)))   # warm-up: early EMA follows G
+    ema_update(s.G_ema, s.G, min(cfg.ema_decay, (1 + s.step) / (10 + s.step)) if cfg.ema_warmup else cfg.ema_decay)
     s.step += 1
     return parts                        # detached loss tensors: no host sync here, .item() only when logging
 
@@ -1014,7 +1094,9 @@ class DivergenceGuard:
         self.values = vals if self.values is None else torch.where(new, vals, self.values)
 
     def check(self):
-        if step := int(self.first):                                                 # the host sync
+        if dist_any(int(self.first), self.first.device):                           # the host sync (all processes)
+            if not (step := int(self.first)):
+                self.fail("training diverged on another process (torchrun)")
             bad = ", ".join(f"{n}={v:g}" for n, v in zip(self.names, self.values.tolist()) if not math.isfinite(v))
             self.fail(f"training diverged at step {step}: {bad}")
 
@@ -1029,21 +1111,40 @@ class DivergenceGuard:
         raise TrainingDiverged(f"{what} (not finite). Likely cause: {cause}. Stopped; {kept}.")
 
 
+def setup_line(cfg, data, custom_G=False):
+    """One log line: the synthetic degradation, G's start, and (denoising) an estimate of the real training images'
+    noise beside the synthetic range, so a user sees whether the range covers the real noise."""
+    start = ("a custom G" if custom_G else f"the shipped data/{STARTS[cfg.sigma_max]}" if cfg.start == "shipped"
+             else cfg.start)
+    if cfg.task != "denoise":
+        return f"[{cfg.method}] synthetic: {cfg.task} (TASKS); G starts from {start}"
+    est = float(noise_sigma(data.real_noisy[:256]).median())
+    cover = ("inside the synthetic range" if est <= cfg.sigma_max else
+             "ABOVE the synthetic range: the gap DA is meant to close; --sigma_max 75 (the paper's) would cover it")
+    return (f"[{cfg.method}] synthetic: AWGN sigma <= {cfg.sigma_max:g}/255; G starts from {start}; real training "
+            f"images: noise sigma ~ {est:.1f}/255 (noise_sigma, median), {cover}")
+
+
 def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=None):
     """Train one method (cfg.method); return its TrainState (with .history). on_eval(state) runs after each evaluation.
     out:     directory for checkpoint.pt and history.json (written atomically), or None
     resume:  continue from out/checkpoint.pt if it exists; G: a restorer module to train instead of RestorerUNet"""
     cfg.validate()
     device = pick_device(cfg.device)
+    rank, world = dist_rank()
+    dist_setup(device)
+    log = rank0(log)
     data = make_data(cfg, device) if data is None else data.to(device)
     if cfg.method == "oracle" and data.real_clean is None:
         raise ValueError("method 'oracle' trains on real pairs, but the real images have no ground truth: "
                          "give --real-dir in the paired layout (input/ + target/) or use the built-in data")
     state = init_state(cfg, device, G=G)
+    log(setup_line(cfg, data, custom_G=G is not None))
     ckpt = os.path.join(out, "checkpoint.pt") if out else None
     if resume and ckpt and os.path.exists(ckpt):
-        load_checkpoint(ckpt, state)
-        log(f"resumed from {ckpt} at step {state.step}")
+        was = load_checkpoint(ckpt, state).get("world_size", 1)
+        log(f"resumed from {ckpt} at step {state.step}" + ("" if was == world else
+            f" (it was trained by {was} process(es), now {world}: the global batch changes from here on)"))
     switches, note = fast_path(device, cfg.compile)
     if note:
         log(note)
@@ -1051,11 +1152,16 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
         torch.backends.cudnn.benchmark = True                                       # fixed patch size: tune once
     # compiled views share their parameters with state.G and state.D; checkpoints save the raw modules
     gmodels = (torch.compile(state.G), torch.compile(state.D)) if switches["compile"] else None
+    if world > 1:                                                                   # compile first, then DDP
+        gmodels = data_parallel(cfg, *(gmodels or (state.G, state.D)), device)
+        log(f"[{cfg.method}] data-parallel: {world} processes ({'nccl' if device.type == 'cuda' else 'gloo'}), "
+            f"global batch {cfg.batch_size} x {world} = {cfg.batch_size * world} synthetic pairs a step")
     uses_diffusion, _, contrast = METHODS[cfg.method][:3]
     # a fixed batch for the mechanism diagnostic (real pairs: the clean half is used only to measure);
     torch.manual_seed(cfg.seed + 1)                 # without real ground truth (a folder of real images): none
     diag = (*syn_batch(data, cfg), *real_pairs_batch(data, cfg)) if data.real_clean is not None else None
-    torch.manual_seed(cfg.seed + 2 + state.step)    # a run resumed at step k draws new batches, not those of 0..k
+    torch.manual_seed(cfg.seed + 2 + state.step     # a run resumed at step k draws new batches, not those of 0..k;
+                      + 1_000_003 * rank)           # each process its own batches, noise and swaps
     h, t0, start = state.history, time.time(), state.step
     rs_stats = torch.zeros(3, device=device)                                        # [active steps, sum of gaps, steps]
     guard = DivergenceGuard(cfg, device, ckpt, saved=state.step if state.step else None)
@@ -1082,9 +1188,13 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
             eta = (time.time() - t0) / (step + 1 - start) * (cfg.steps - step - 1)
             log(f"[{cfg.method}] step {step + 1}/{cfg.steps} " +
                 " ".join(f"{k} {v:.4g}" for k, v in vals.items()) + f" | eta {eta:.0f}s")
-        if evaluating:
-            m = evaluate_pools(state.G_ema, data)
-            if not (math.isfinite(m["syn_psnr"]) and math.isfinite(m["real_psnr"])):
+        if evaluating and rank > 0:                                                 # only rank 0 evaluates
+            if dist_any(False, device):
+                guard.fail(f"rank 0's evaluation at step {step + 1} was not finite")
+            guard.saved = step + 1 if ckpt else None                                # rank 0 saves it now
+        elif evaluating:
+            m = evaluate_pools(state.G_eval, data)
+            if dist_any(not (math.isfinite(m["syn_psnr"]) and math.isfinite(m["real_psnr"])), device):
                 guard.fail(f"evaluation at step {step + 1}: synthetic PSNR {m['syn_psnr']}, "
                            f"real-like PSNR {m['real_psnr']}")
             cos = mechanism_diagnostic(state, *diag) if uses_diffusion and diag else float("nan")
@@ -1134,7 +1244,7 @@ def save_checkpoint(path, state):
     """Everything a resume needs; networks are saved unwrapped (raw_module), so keys never carry compile prefixes."""
     write_checkpoint(path, state, restorer=raw_module(state.G).state_dict(),
                      restorer_ema=raw_module(state.G_ema).state_dict(), denoiser=raw_module(state.D).state_dict(),
-                     optimizer=state.opt.state_dict(), rng_cpu=torch.get_rng_state(),
+                     optimizer=state.opt.state_dict(), rng_cpu=torch.get_rng_state(), world_size=dist_rank()[1],
                      **({"gap_mean": state.gap_mean} if state.gap_mean is not None else {}),
                      **({"scaler": state.scaler.state_dict()} if state.scaler is not None else {}))  # fp16 only
 
@@ -1162,7 +1272,8 @@ RESUME_MAY_CHANGE = ("steps", "lr", "eval_every", "log_every", "device", "precis
 
 
 def load_checkpoint(path, state):
-    """Restore a TrainState in place (for resuming); a config that differs in other fields is an error."""
+    """Restore a TrainState in place (for resuming) and return the checkpoint; a config that differs in other fields
+    is an error. A data-parallel run's checkpoint resumes under any number of processes (torchrun or none)."""
     blob = read_checkpoint(path)
     was = blob["config"]
     now = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(state.cfg).items()}
@@ -1181,14 +1292,19 @@ def load_checkpoint(path, state):
     gap = blob.get("gap_mean")
     state.gap_mean = None if gap is None else gap.to(next(state.G.parameters()).device)
     torch.set_rng_state(blob["rng_cpu"])
-    return state
+    return blob
+
+
+def eval_key(blob):
+    """The checkpoint entry that restores: the EMA restorer, or the raw one if its run scored the raw G (eval_ema)."""
+    return "restorer_ema" if blob["config"].get("eval_ema", True) else "restorer"
 
 
 def load_start(G, path):
-    """Load a checkpoint's EMA restorer weights into G (a run's start); a size mismatch is an error naming the file."""
+    """Load a checkpoint's restorer (eval_key) into G (a run's start); a size mismatch is an error naming the file."""
     blob = read_checkpoint(path)
     try:
-        G.load_state_dict(blob["restorer_ema"])
+        G.load_state_dict(blob[eval_key(blob)])
     except RuntimeError as e:
         c = blob["config"]
         raise ValueError(f"start checkpoint {path!r} holds a restorer of r_width={c.get('r_width')}, "
@@ -1197,11 +1313,11 @@ def load_start(G, path):
 
 
 def load_restorer(path, device="cpu"):
-    """(G_ema, config) from a checkpoint, ready for restore()."""
+    """(G, config) from a checkpoint, ready for restore(): the restorer its run scored (eval_key)."""
     blob = read_checkpoint(path)
     cfg = config_from_dict(blob["config"])
     G = RESTORERS[cfg.restorer](cfg)
-    G.load_state_dict(blob["restorer_ema"])
+    G.load_state_dict(blob[eval_key(blob)])
     return G.to(device).eval(), cfg
 
 
@@ -1258,6 +1374,17 @@ def ssim(x, y, y_channel=False):
 
 
 @torch.no_grad()
+def noise_sigma(x):
+    """Blind estimate of each image's noise level, in 0-255 units: the median absolute deviation of the finest diagonal
+    Haar band over 0.6745 (Donoho's rule), the channels averaged. x: (B, 3, H, W) -> (B,). Edges barely move a median,
+    so clean detail reads as a few units; noise that is smooth across neighbouring pixels (demosaiced camera noise)
+    reads low, since this band sees only its finest scale."""
+    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2].float()
+    hh = (x[..., ::2, ::2] - x[..., ::2, 1::2] - x[..., 1::2, ::2] + x[..., 1::2, 1::2]) / 2   # (B, 3, H/2, W/2)
+    return 255 * (hh.flatten(2).abs().median(-1).values / 0.6745).mean(1)
+
+
+@torch.no_grad()
 def evaluate(G, x, y, batch=32):
     """Mean PSNR and SSIM of restore(G, x), rounded to 8 bits, against y (used as given)."""
     was_training = G.training
@@ -1289,18 +1416,23 @@ def demo(cfg, out="runs/demo", log=print):
     t0 = time.time()
     device = pick_device(cfg.device)
     os.makedirs(out, exist_ok=True)
-    log(f"device {device}; generating built-in data ({cfg.task}, real-like domain: {cfg.real_noise}) ...")
+    # DA's numbers depend on float rounding, which depends on the thread count and the CPU's kernels (bench.py --repro)
+    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    log(f"device {device} ({', '.join(f'{k} {v}' for k, v in machine.items())}); generating built-in data "
+        f"({cfg.task}, real-like domain: {cfg.real_noise}) ...")
     data = make_data(cfg, device)
-    results = {"config": dataclasses.asdict(cfg), "device": str(device), "identity": identity_metrics(data)}
+    results = {"config": dataclasses.asdict(cfg), "device": str(device), "machine": machine,
+               "identity": identity_metrics(data)}
     log(f"start: {cfg.start}" + (f" ({start_path(cfg.sigma_max)})" if cfg.start == "shipped" else ""))
-    results["start"] = {"start": cfg.start, **evaluate_pools(init_state(cfg, device).G_ema, data)}
+    results["start"] = {"start": cfg.start, **evaluate_pools(init_state(cfg, device).G_eval, data)}
     models = {}
     for method in ("vanilla", "da", "oracle"):
         state = train(dataclasses.replace(cfg, method=method), data, log=log)
         h = state.history
         active = float(np.nanmean(h["hinge_active_frac"])) if METHODS[method][2] else None
-        results[method] = {**evaluate_pools(state.G_ema, data), "history": h, "hinge_active_frac": active}
-        models[method] = state.G_ema
+        results[method] = {**evaluate_pools(state.G_eval, data), "history": h, "hinge_active_frac": active}
+        models[method] = state.G_eval
     v, d, o = (results[m]["real_psnr"] for m in ("vanilla", "da", "oracle"))
     results.update(da_gain_real_db=d - v, gap_closed=(d - v) / (o - v) if o != v else float("nan"),
                    da_syn_change_db=results["da"]["syn_psnr"] - results["vanilla"]["syn_psnr"],
@@ -1365,18 +1497,52 @@ def _parse_value(f, text):
     return {"int": int, "float": float, "str": str}.get(f.type, f.type)(text)
 
 
+def field_comments():
+    """{field: its trailing comment in Config, with the comment lines that continue it}: the one source of --help."""
+    comments, name = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        head, _, comment = line.partition("#")
+        if m := re.match(r"\s{4}(\w+): \w+ = ", head):                              # `    name: type = default  # ...`
+            name = m.group(1)
+            comments[name] = comment.strip()
+        elif name and not head.strip() and len(head) > 8 and comment:               # an indented continuation line
+            comments[name] += " " + comment.strip()
+        else:
+            name = None                                                             # section headers, NOTEs, code
+    return comments
+
+
 def config_parser(prog, description):
-    """An argparse parser with --preset and one --field flag per Config field (the harness adds its own flags)."""
+    """An argparse parser with --preset and one --field flag per Config field (the harness adds its own flags). Each
+    flag's help is the field's comment; parse_args adds its default under the chosen preset."""
     p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description)
-    p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="starting config")
+    p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="starting config (default cpu-demo); "
+                   "the defaults below follow it: --preset paper --help lists the paper's")
+    comments = field_comments()
     for f in dataclasses.fields(Config):
         p.add_argument(f"--{f.name}", dest=f"cfg_{f.name}", default=None, metavar="V",
-                       type=lambda text, f=f: _parse_value(f, text), help=f"config {f.name} (default from the preset)")
+                       type=lambda text, f=f: _parse_value(f, text), help=comments[f.name].replace("%", "%%"))
     return p
+
+
+def add_preset_defaults(parser, preset):
+    """Append each config flag's default under `preset` to its help (resolved values of `auto` fields after ->)."""
+    raw, resolved = Config(**PRESETS[preset]), make_config(preset)
+    for a in parser._actions:
+        if a.dest.startswith("cfg_"):
+            name = a.dest[4:]
+            a.comment = getattr(a, "comment", a.help)                              # the field's comment alone
+            v, r = getattr(raw, name), getattr(resolved, name)
+            shown = ",".join(map(str, v)) if isinstance(v, tuple) else v
+            a.help = a.comment + f" [{preset}: {shown}{'' if r == v else f' -> {r}'}]".replace("%", "%%")
 
 
 def parse_args(parser, argv=None):
     """parser.parse_args, but an unknown flag ends as an error that suggests the nearest known ones."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS))
+    known, _ = pre.parse_known_args(argv)                                           # --help shows that preset's
+    add_preset_defaults(parser, known.preset)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         opts = [o for a in parser._actions for o in a.option_strings]
@@ -1425,17 +1591,22 @@ def main(argv=None):
         cfg = parse_config(args)
     except ValueError as e:
         p.error(str(e))
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    if args.demo and dist_rank()[1] > 1:
+        p.error("--demo runs in one process; under torchrun train one method (--method da --out DIR)")
+    say = rank0(print)
+    say("config:", json.dumps(dataclasses.asdict(cfg)))
     try:
         if args.demo:
             demo(cfg, args.out or "runs/demo")
         else:
             state = train(cfg, out=args.out, resume=args.resume)
-            print(json.dumps(evaluate_pools(state.G_ema, make_data(cfg, pick_device(cfg.device)))))
+            say(json.dumps(evaluate_pools(state.G_eval, make_data(cfg, pick_device(cfg.device)))))
     except TrainingDiverged as e:
         return report_divergence("dada_min.py", e)
     except ValueError as e:                           # e.g. a resume with other settings than its checkpoint's
         p.error(str(e))
+    finally:
+        dist_teardown()
     return 0
 
 

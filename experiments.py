@@ -12,12 +12,15 @@ each. They import dada_min (the method) and never the other way round.
 Each writes runs/NAME/NAME.json and PNG figures (--out DIR elsewhere) and prints a table and its runtime.
 docs/evidence.md reports what they measured.
 """
+import contextlib
 import dataclasses
+import importlib
 import json
 import math
 import os
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -154,9 +157,9 @@ def exp_compare(cfg, out, quick, log=print):
         ident.append(dm.identity_metrics(data))
         for m in methods:
             state = dm.train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
-            runs[m].append(dm.evaluate_pools(state.G_ema, data))
+            runs[m].append(dm.evaluate_pools(state.G_eval, data))
             if seed == seeds[0]:
-                models[m], sample_data = state.G_ema, data
+                models[m], sample_data = state.G_eval, data
     summary = {m: summarize(runs[m], runs["vanilla"]) for m in methods}
     real = {m: summary[m]["real_psnr"]["mean"] for m in methods}
     results = {"experiment": "compare", "task": cfg.task, "real_noise": cfg.real_noise, "seeds": seeds,
@@ -215,7 +218,7 @@ def exp_ablation(cfg, out, quick, log=print):
             t_min, t_max = t_range or (c.t_min, c.t_max)
             state = dm.train(dataclasses.replace(c, method=method, t_min=t_min, t_max=t_max), data,
                           log=seed_log(log, f"{seed} {label}"))
-            runs[label].append(dm.evaluate_pools(state.G_ema, data))
+            runs[label].append(dm.evaluate_pools(state.G_eval, data))
     base = runs[ABLATION_ROWS[0][0]]
     rows = []
     for label, method, t_range in ABLATION_ROWS:
@@ -357,7 +360,7 @@ def exp_shortcut(cfg, out, quick, log=print):
 
             def on_eval(state, keep=keep):                                            # restorations at this step
                 if keep is not None:
-                    keep.append((state.step, dm.restore(state.G_ema.eval(), x_show).cpu()))
+                    keep.append((state.step, dm.restore(state.G_eval.eval(), x_show).cpu()))
             state = dm.train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed), on_eval=on_eval)
             h = state.history
             curves[m].append({"step": h["eval_step"], "syn_psnr": h["syn_psnr"], "real_psnr": h["real_psnr"]})
@@ -510,8 +513,8 @@ def run_variant(cfg, data, draws=64, log=lambda s: None):
     """Train one row of the effect table and measure it: test metrics, HF ratio of the real-like outputs,
     the hinge-active fraction over training, the diagnostic over `draws` draws and the per-level RS gap."""
     state = dm.train(cfg, data, log=log)
-    m = dm.evaluate_pools(state.G_ema, data)
-    m["real_hf"] = hf_ratio(dm.restore(state.G_ema.eval(), data.test_real_noisy), data.test_real_clean)
+    m = dm.evaluate_pools(state.G_eval, data)
+    m["real_hf"] = hf_ratio(dm.restore(state.G_eval.eval(), data.test_real_noisy), data.test_real_clean)
     h = state.history
     m["curve"] = {"step": h["eval_step"], "real_psnr": h["real_psnr"], "syn_psnr": h["syn_psnr"],
                   "hinge_active_frac": h["hinge_active_frac"], "neg_pos_gap": h["neg_pos_gap"]}
@@ -531,11 +534,11 @@ def select_live_hinge(cfg, domain="white", log=print):
     Returns (choice, table)."""
     c = dataclasses.replace(cfg, seed=VAL_SEED, real_noise=domain, sigma_max=None, start="auto").validate()
     data = dm.make_data(c, dm.pick_device(c.device))
-    base = dm.evaluate_pools(dm.train(dataclasses.replace(c, method="vanilla"), data, log=lambda s: None).G_ema, data)
+    base = dm.evaluate_pools(dm.train(dataclasses.replace(c, method="vanilla"), data, log=lambda s: None).G_eval, data)
     rows = []
     for hinge, margin in LIVE_CANDIDATES:
         m = dm.evaluate_pools(dm.train(dataclasses.replace(c, method="da", hinge=hinge, margin=margin), data,
-                                 log=lambda s: None).G_ema, data)
+                                 log=lambda s: None).G_eval, data)
         rows.append({"hinge": hinge, "margin": margin, "real_psnr": m["real_psnr"], "syn_psnr": m["syn_psnr"],
                      "syn_ok": m["syn_psnr"] >= base["syn_psnr"] - 0.2})
         log(f"[select] {hinge} margin {margin:g}: validation real {m['real_psnr']:.2f} syn {m['syn_psnr']:.2f} "
@@ -572,7 +575,7 @@ def exp_effect(cfg, out, quick, log=print, domains=None, live=None):
                 raise FileNotFoundError(f"no shipped start for {domain} (sigma_max {c.sigma_max:g}) at "
                                         f"{dm.start_path(c.sigma_max)}: run `python experiments.py --make-start`")
             data = dm.make_data(c, device)
-            G0 = dm.init_state(c, device).G_ema.eval()                                 # the start every row shares
+            G0 = dm.init_state(c, device).G_eval.eval()                                 # the start every row shares
             y0 = dm.restore(G0, data.test_real_noisy)
             s0 = dm.evaluate_pools(G0, data)                                        # scores of 8-bit outputs
             p0 = s0["real_psnr"]
@@ -680,6 +683,180 @@ def make_start(sigma_max, path=None, log=print, **overrides):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The check against the official code: same weights in, same numbers out
+# ----------------------------------------------------------------------------------------------------------
+# `python experiments.py --check-official PATH` imports the official networks from a checkout of
+# github.com/KangLiao929/Noise-DA (nothing of it is copied here), copies their weights into dada_min's `paper`
+# networks by an explicit mapping, and compares restorer output, denoiser output, the DA loss and its gradients
+# on one batch with scripted random draws (t, u -> gamma, eps, both swap masks). docs/official-check.md has
+# the command and its output. Everything runs in float32 (the official denoiser casts its input to float32).
+CHECK_TOL = {"output": 1e-5, "loss": 1e-5, "grad": 1e-4}    # max |ours - official| / max |official|
+
+
+def restorer_convs(G):
+    """G's convs in the official RestorationNet's module order: per level down two convs, then per level up
+    conv_up and the block's two convs, then the head (dada_min keeps up_conv and up_block in two lists)."""
+    convs = [c for block in G.down for c in block if isinstance(c, torch.nn.Conv2d)]
+    for up, block in zip(G.up_conv, G.up_block):
+        convs += [up] + [c for c in block if isinstance(c, torch.nn.Conv2d)]
+    return convs + [G.last]
+
+
+def qkv_rows(c, heads):
+    """Row order that turns dada_min's qkv projection (3, heads, C/heads) into the official legacy attention's
+    head-major layout (heads, 3, C/heads): official row r holds dada_min row qkv_rows(c, heads)[r]."""
+    return torch.arange(3 * c).view(3, heads, c // heads).transpose(0, 1).reshape(-1)
+
+
+def denoiser_pairs(ours, official):
+    """[(our name, our tensor, official name, official tensor)] in module order: both UNets register their
+    parameters in the order of the forward pass (embedding MLP, input conv, down, middle, up, output)."""
+    a, b = list(ours.named_parameters()), list(official.named_parameters())
+    if len(a) != len(b):
+        raise ValueError(f"the denoisers have {len(a)} and {len(b)} parameter tensors: not the same network")
+    return [(na, ta, nb, tb) for (na, ta), (nb, tb) in zip(a, b)]
+
+
+def to_ours(name, t, ours_t, heads):
+    """An official tensor in dada_min's layout: Conv1d (c, k, 1) -> Conv2d (c, k, 1, 1); qkv rows permuted back."""
+    if t.numel() != ours_t.numel():
+        raise ValueError(f"official {name} {tuple(t.shape)} has no counterpart of that size in dada_min ({tuple(ours_t.shape)})")
+    t = t.reshape(ours_t.shape)
+    if ".qkv." in name:                                                              # head-major -> (3, heads, ...)
+        t = t[torch.argsort(qkv_rows(t.shape[0] // 3, heads))]
+    return t
+
+
+def copy_official_weights(G, D, off_G, off_D, log=print):
+    """Copy the official restorer's and denoiser's weights into dada_min's G and D; print the mapping."""
+    heads = next(m.heads for m in D.modules() if isinstance(m, dm.AttnBlock))
+    with torch.no_grad():
+        off_convs = [m for m in off_G.modules() if isinstance(m, torch.nn.Conv2d)]
+        names = {m: n for n, m in off_G.named_modules()}
+        ours_names = {m: n for n, m in G.named_modules()}
+        if len(off_convs) != len(restorer_convs(G)):
+            raise ValueError(f"the restorers have {len(off_convs)} and {len(restorer_convs(G))} convs")
+        log("restorer (module order):")
+        for o, m in zip(off_convs, restorer_convs(G)):
+            m.weight.copy_(o.weight), m.bias.copy_(o.bias)
+            log(f"  {names[o]:32s} -> G.{ours_names[m]:20s} {tuple(o.weight.shape)}")
+        log("denoiser (parameter order; one line per module):")
+        last = None
+        for na, ta, nb, tb in denoiser_pairs(D, off_D):
+            ta.copy_(to_ours(nb, tb, ta, heads))
+            module = nb.rsplit(".", 1)[0]
+            if module != last:
+                how = ("rows head-major -> (3, heads, c)" if ".qkv." in nb else
+                       "reshape" if tuple(ta.shape) != tuple(tb.shape) else "")
+                log(f"  {module:40s} -> D.{na.rsplit('.', 1)[0]:34s} {tuple(tb.shape)} {how}")
+                last = module
+
+
+@contextlib.contextmanager
+def scripted_draws(ints, uniforms):
+    """Make torch.randint return the given tensors, and torch.rand the given ones, in call order (the official
+    forward pass draws t, u and the two swap masks itself)."""
+    real_randint, real_rand = torch.randint, torch.rand
+    ints, uniforms = list(ints), list(uniforms)
+    torch.randint = lambda *a, **k: ints.pop(0)
+    torch.rand = lambda *a, **k: uniforms.pop(0)
+    try:
+        yield
+    finally:
+        torch.randint, torch.rand = real_randint, real_rand
+
+
+def import_official(repo, log=print):
+    """models.network and models.loss of an official checkout; modules it imports that are not installed
+    (image I/O, metrics, logging; none is on the compared path) are stubbed with empty modules."""
+    if not os.path.isfile(os.path.join(repo, "models", "network.py")):
+        raise FileNotFoundError(f"{repo!r} is not a checkout of KangLiao929/Noise-DA (no models/network.py)")
+    sys.path.insert(0, os.path.abspath(repo))
+    stubbed = []
+    for _ in range(20):
+        try:
+            network = importlib.import_module("models.network")
+            importlib.import_module("models.guided_diffusion_modules.unet")
+            return network, importlib.import_module("models.loss"), stubbed
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name.split(".")[0] in ("models", "core"):
+                raise
+            sys.modules[e.name] = types.ModuleType(e.name)
+            stubbed.append(e.name)
+            log(f"stubbed {e.name} (not installed; not on the compared path)")
+    raise ImportError("too many missing modules in the official code")
+
+
+def relative_diff(ours, official):
+    ours, official = ours.detach(), official.detach()
+    return float((ours - official).abs().max() / official.abs().max().clamp(min=1e-30))
+
+
+def check_official(repo, size=32, batch=2, seed=0, log=print):
+    """Compare dada_min's `paper` networks and DA loss with the official code's; returns {name: (diff, tol, ok)}."""
+    network, losses, _ = import_official(repo, log)
+    cfg = dm.make_config("paper", patch_size=size, image_size=size, start="scratch", seed=seed)
+    torch.manual_seed(seed)
+    off = network.Network(unet=dict(in_channel=9, out_channel=3, inner_channel=cfg.d_width,
+                                    channel_mults=list(cfg.d_mults), attn_res=[16], num_head_channels=32,
+                                    res_blocks=cfg.d_res_blocks, dropout=cfg.d_dropout, image_size=128),
+                          beta_schedule={"train": dict(schedule="linear", n_timestep=cfg.T, linear_start=cfg.beta_start,
+                                                       linear_end=cfg.beta_end)},
+                          module_name="guided_diffusion", init_type="kaiming")
+    off.init_weights()                                   # the official training's initialisation
+    off.set_new_noise_schedule(device=torch.device("cpu"), phase="train")
+    off.set_loss([losses.mse_loss, losses.charbonnier_loss, losses.cal_triplet_margin_loss])
+    G, D = dm.make_networks(cfg)
+    schedule = dm.NoiseSchedule(cfg.T, cfg.beta_start, cfg.beta_end)
+    log(f"official: RestorationNet {dm.n_params(off.RestorationNet):,} and UNet {dm.n_params(off.denoise_fn):,} "
+        f"parameters; dada_min paper preset: G {dm.n_params(G):,}, eps_theta {dm.n_params(D):,}")
+    copy_official_weights(G, D, off.RestorationNet, off.denoise_fn, log)
+    for net in (off, G, D):
+        net.eval()                                       # dropout off: its masks cannot be scripted
+    gen = torch.Generator().manual_seed(seed)
+    y_syn = torch.rand(batch, 3, size, size, generator=gen)                        # (B, 3, s, s) clean
+    x_syn = y_syn + 0.1 * torch.randn(y_syn.shape, generator=gen)
+    x_real = (torch.rand(batch, 3, size, size, generator=gen) + 0.2 * torch.randn(batch, 3, size, size, generator=gen))
+    eps = torch.randn(y_syn.shape, generator=gen)
+    t = torch.randint(1, cfg.T, (batch,), generator=gen)
+    u = torch.rand(batch, 1, generator=gen)
+    m1, m2 = (torch.rand(batch, generator=gen) < 0.5 for _ in range(2))           # the two swap masks
+    ac = schedule.alphas_cumprod
+    gamma = ac[t - 1] + (ac[t] - ac[t - 1]) * u[:, 0]                               # as the official forward
+    results = {"noise schedule (gammas)": (relative_diff(ac, off.gammas), CHECK_TOL["output"])}
+    with torch.no_grad():
+        results["restorer output R(x)"] = (relative_diff(G(x_real), off.RestorationNet(x_real)), CHECK_TOL["output"])
+        inp = torch.cat([x_syn, y_syn, x_real], 1)
+        results["denoiser output eps_hat"] = (relative_diff(D(inp, gamma), off.denoise_fn(inp, gamma)),
+                                              CHECK_TOL["output"])
+    # the DA loss: official forward (diff_flag=1) with scripted draws vs dada_min's functions with the same draws
+    with scripted_draws([t], [u, torch.where(m1, 0.75, 0.25), torch.where(m2, 0.75, 0.25)]):   # rand > 0.5
+        loss_noise, loss_syn = off(y_syn, y_syn=x_syn, y_real=x_real, diff_flag=1, noise=eps)
+    r_syn, r_real = G(torch.cat([x_syn, x_real])).chunk(2)                          # train_step, lines 2-7
+    ours_res = dm.charbonnier(x_syn + r_syn, y_syn)
+    with scripted_draws([], [torch.where(m1, 0.25, 0.75), torch.where(m2, 0.25, 0.75)]):   # rand < 0.5
+        ours_dif, _ = dm.diffusion_loss(D, schedule, y_syn, x_syn + r_syn, x_real + r_real,
+                                        dm.residual_swap(x_syn, r_syn, x_real, r_real), True, cfg.margin,
+                                        gamma=gamma, eps=eps)
+    results["L_Res (Charbonnier)"] = (relative_diff(ours_res, loss_syn), CHECK_TOL["loss"])
+    results["L_noise = (Eq. 1 + Eq. 3) / 2"] = (relative_diff(ours_dif, loss_noise), CHECK_TOL["loss"])
+    (loss_syn + cfg.alpha_max * loss_noise).backward()
+    (ours_res + cfg.alpha_max * ours_dif).backward()
+    heads = next(m.heads for m in D.modules() if isinstance(m, dm.AttnBlock))
+    g_off = [o.weight.grad for o in off.RestorationNet.modules() if isinstance(o, torch.nn.Conv2d)]
+    g_ours = [m.weight.grad for m in restorer_convs(G)]
+    results["gradient, restorer weights"] = (max(relative_diff(a, b) for a, b in zip(g_ours, g_off)), CHECK_TOL["grad"])
+    pairs = denoiser_pairs(D, off.denoise_fn)
+    results["gradient, denoiser parameters"] = (
+        max(relative_diff(ta.grad, to_ours(nb, tb.grad, ta, heads)) for _, ta, nb, tb in pairs), CHECK_TOL["grad"])
+    log(f"\n{'compared (float32, batch ' + str(batch) + ', ' + str(size) + ' px)':40s} {'max rel. diff':>14s} "
+        f"{'tolerance':>10s}")
+    for name, (diff, tol) in results.items():
+        log(f"{name:40s} {diff:14.2e} {tol:10.0e} {'ok' if diff <= tol else 'FAILED'}")
+    return {k: (d, tol, d <= tol) for k, (d, tol) in results.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The README's figure of the built-in tasks
 # ----------------------------------------------------------------------------------------------------------
 def save_task_figure(path, size=64, seed=0):
@@ -708,6 +885,8 @@ def build_parser():
     p.add_argument("name", nargs="?", choices=sorted(EXPERIMENTS), help="the experiment")
     p.add_argument("--make-start", action="store_true",
                    help="instead: retrain the shipped starts data/start-awgn*.pt (with --sigma_max: only that one)")
+    p.add_argument("--check-official", metavar="PATH", default=None,
+                   help="instead: compare the paper networks and DA loss with a checkout of the official code")
     p.add_argument("--quick", action="store_true", help="the seconds-long size used by the tests")
     p.add_argument("--out", default=None, help="output directory (default: runs/NAME)")
     return p
@@ -724,6 +903,14 @@ def main(argv=None):
                 parser.error(f"--sigma_max {sigma_max:g} has no shipped start; choose one of {sorted(dm.STARTS)}")
             make_start(sigma_max)
         return 0
+    if args.check_official:
+        try:
+            checks = check_official(args.check_official)
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
+        failed = [k for k, (_, _, ok) in checks.items() if not ok]
+        print("all within tolerance" if not failed else f"FAILED: {', '.join(failed)}")
+        return 1 if failed else 0
     if args.name is None:
         parser.error("name an experiment (one of " + ", ".join(sorted(EXPERIMENTS)) + ") or give --make-start")
     exp = EXPERIMENTS[args.name]

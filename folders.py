@@ -371,7 +371,7 @@ def check_command(parser, args):
 
 def train_command(cfg, args, log=print):
     """`train`: built-in data or folders (load_folder_data) -> OUT/checkpoint.pt and OUT/history.json."""
-    out = args.out
+    out, log = args.out, dm.rank0(log)                   # under torchrun: rank 0 reports
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"--out {out!r} is a file; give a folder")
     if os.path.isdir(out) and os.listdir(out) and not (args.resume or args.force):
@@ -381,7 +381,7 @@ def train_command(cfg, args, log=print):
     device = dm.pick_device(cfg.device)
     data = load_folder_data(cfg, **dirs, device=device, log=log) if any(dirs.values()) else dm.make_data(cfg, device)
     state = dm.train(cfg, data, out=out, resume=args.resume, log=log)
-    log(json.dumps(dm.evaluate_pools(state.G_ema, data)))
+    log(json.dumps(dm.evaluate_pools(state.G_eval, data)))
     log(f"wrote {os.path.join(out, 'checkpoint.pt')} and {os.path.join(out, 'history.json')}")
     return 0
 
@@ -397,6 +397,16 @@ def evaluate_command(args, log=print):
     dm.atomic_write_text(args.json, json.dumps(r, indent=1))
     log(f"wrote {args.json}")
     return 0
+
+
+def folder_defaults(args):
+    """Config defaults that follow the folders: real degraded images from a folder (denoising) get the paper's
+    synthetic range sigma <= 75, and with it the start data/start-awgn75.pt, instead of the built-in `white` domain's
+    sigma <= 15, which exists to leave that domain's noise uncovered. --sigma_max or --real_noise overrides it."""
+    denoise = (args.cfg_task or dm.make_config(args.preset).task) == "denoise"
+    if args.real_dir and denoise and args.cfg_sigma_max is None and args.cfg_real_noise is None:
+        return {"sigma_max": 75.0}
+    return {}
 
 
 def build_parser():
@@ -431,13 +441,15 @@ def main(argv=None):
             return 0
         if args.command == "evaluate":
             return evaluate_command(args)
-        cfg = dm.parse_config(args)
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
+        cfg = dm.parse_config(args, base=folder_defaults(args))
+        dm.rank0(print)("config:", json.dumps(dataclasses.asdict(cfg)))
         return train_command(cfg, args)
     except dm.TrainingDiverged as e:
         return dm.report_divergence("folders.py", e)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         parser.error(str(e))
+    finally:
+        dm.dist_teardown()
 
 
 if __name__ == "__main__":

@@ -64,3 +64,19 @@ def test_bench_cli_rejects_a_bad_size(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--preset", "tiny", "--device", "cpu", "--size", "7", "--steps", "1"])
     assert "patch_size" in capsys.readouterr().err
+
+
+def test_profile_reports_the_top_operators(capsys):
+    ms = bench.profile(dm.make_config("tiny", device="cpu"), steps=2, rows=5)
+    out = capsys.readouterr().out
+    assert ms > 0 and "ms/step under the profiler" in out and "aten::" in out and "Self CPU" in out
+
+
+def test_repro_runs_the_same_training_in_fresh_processes_and_compares(capsys):
+    """The same config in a fresh process is bit-identical; the kernels of another CPU change the weights."""
+    rows = bench.repro(["--preset", "tiny", "--method", "da", "--steps", "3", "--device", "cpu"])
+    assert list(rows) == list(bench.REPRO_RUNS)
+    assert rows["default"][2] == 0.0 and rows["default, again"][2] == 0.0
+    assert rows["default, again"][:2] == rows["default"][:2]
+    assert all(r[2] < 0.1 for r in rows.values())                   # a few steps: rounding, not another run
+    assert "max weight difference from the first run" in capsys.readouterr().out

@@ -192,3 +192,74 @@ def test_high_frequency_tools():
     assert experiments.hf_ratio(experiments.shrink_hf(noisy, 0.5), clean) < experiments.hf_ratio(noisy, clean)
     smooth = torch.full((1, 3, 16, 16), 0.3)
     torch.testing.assert_close(experiments.box5(smooth), smooth)              # a flat image has no high frequencies
+
+
+# --- the check against the official code (CI has no checkout of it: the mapping is tested on dada_min's own nets) ---
+
+def test_restorer_convs_are_listed_in_the_order_the_forward_pass_runs_them():
+    """The official RestorationNet registers its convs in forward order; restorer_convs puts G's in the same order."""
+    G = dm.RestorerUNet(8, 3)
+    called = []
+    for m in G.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, i, o: called.append(mod))
+    G(torch.rand(1, 3, 16, 16))
+    assert experiments.restorer_convs(G) == called and len(called) == len(set(called)) == 13
+
+
+def test_denoiser_parameters_are_registered_in_the_official_order():
+    """The mapping to the official UNet goes by parameter order: blocks in the order of the forward pass, and inside
+    a residual block guided-diffusion's in_layers (norm, conv), emb_layers, out_layers (norm, conv), skip."""
+    D = dm.ConditionalDenoiser(32, (1, 2), 2, attn=True)
+    units = [D.gamma_mlp, D.inp, *D.down, *D.mid, *D.up, D.out]
+    called = []
+    for u in units:
+        u.register_forward_hook(lambda mod, i, o: called.append(mod))
+    D(torch.rand(1, 9, 16, 16), torch.rand(1))
+    assert [m for m in called if list(m.parameters())] == [u for u in units if list(u.parameters())]
+    owners = [n for n, _ in D.named_parameters()]
+    assert owners == [f"{k}.{n}" for k, u in D.named_children() for n, _ in u.named_parameters()]
+    block = [n for n, _ in D.down[0].named_parameters()]
+    assert block == ["in_layers.0.weight", "in_layers.0.bias", "conv1.weight", "conv1.bias", "emb.1.weight",
+                     "emb.1.bias", "norm2.weight", "norm2.bias", "out_layers.2.weight", "out_layers.2.bias"]
+    assert [n for n, _ in D.up[0].named_parameters()][-2:] == ["skip.weight", "skip.bias"]
+
+
+def test_official_layout_round_trips_and_the_head_major_qkv_is_the_legacy_attention():
+    torch.manual_seed(0)
+    D, D2 = (dm.ConditionalDenoiser(32, (1, 2), 1, attn=True) for _ in range(2))
+    attn = next(m for m in D.modules() if isinstance(m, dm.AttnBlock))
+    c, heads = attn.qkv.out_channels // 3, attn.heads
+    assert heads == 2
+    rows = experiments.qkv_rows(c, heads)
+    # the official layout of every tensor: Conv1d shapes (no trailing 1) and head-major qkv rows
+    official = [(n,
+                 (t[rows] if "qkv" in n else t).reshape(t.shape[:2]) if "qkv" in n or "proj" in n else t)
+                for n, t in D.named_parameters()]
+    with torch.no_grad():
+        for (na, ta), (nb, tb) in zip(D2.named_parameters(), official):
+            ta.copy_(experiments.to_ours(nb, tb, ta, heads))
+    x, g = torch.rand(2, 9, 16, 16), torch.rand(2)
+    torch.testing.assert_close(D2(x, g), D(x, g), rtol=0, atol=0)
+    # legacy (head-major) attention computed from the permuted projection equals dada_min's AttnBlock
+    h = torch.rand(2, c, 4, 4)
+    w = attn.qkv.weight[rows].flatten(1)                                            # (3c, c) head-major
+    b = attn.qkv.bias[rows]
+    qkv = torch.einsum("oc,bct->bot", w, attn.norm(h).flatten(2)) + b[:, None]      # (B, 3c, T)
+    q, k, v = qkv.reshape(2 * heads, 3 * (c // heads), 16).split(c // heads, dim=1)
+    a = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(c // heads), -1)
+    out = torch.einsum("bts,bcs->bct", a, v).reshape(2, c, 16)
+    ref = h + attn.proj(out.reshape(2, c, 4, 4))
+    torch.testing.assert_close(attn(h), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_check_official_names_a_folder_that_is_not_a_checkout(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        experiments.main(["--check-official", str(tmp_path)])
+    assert "not a checkout of KangLiao929/Noise-DA" in capsys.readouterr().err
+
+
+def test_scripted_draws_replace_and_restore_the_generators():
+    with experiments.scripted_draws([torch.tensor([7])], [torch.tensor([0.25])]):
+        assert torch.randint(1, 10, (1,)).item() == 7 and torch.rand(1).item() == 0.25
+    assert torch.rand(3).shape == (3,) and torch.randint(0, 2, (2,)).shape == (2,)

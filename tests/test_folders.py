@@ -268,9 +268,13 @@ def test_example_folders(tmp_path, cfg):
 
 # --- restore ----------------------------------------------------------------------------------------------
 def random_restorer(width=4, depth=2, seed=0):
-    """An untrained G whose residual head is NOT zero, so restoring changes the image."""
+    """An untrained G whose residual head is NOT zero, so restoring changes the image. PyTorch's default conv
+    initialisation (weights ~0.4x Kaiming's) keeps the residual small and local, closer to a trained G's."""
     torch.manual_seed(seed)
     G = dm.RestorerUNet(width, depth)
+    for m in G.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.reset_parameters()
     torch.nn.init.normal_(G.last.weight, std=0.05)
     return G.eval()
 
@@ -424,3 +428,24 @@ def test_a_run_killed_between_evaluations_resumes_from_its_checkpoint(tmp_path, 
     assert final["step"] == N and final["config"] == config
     assert final["history"]["eval_step"] == list(range(K, N + 1, K))               # none lost, none repeated
     assert json.load(open(os.path.join(out, "history.json")))["eval_step"] == list(range(K, N + 1, K))
+
+
+def test_real_photo_folders_default_to_the_papers_noise_range_and_its_start(tmp_path, capsys):
+    """The SIDD-style recipe of docs/own-data.md (clean, real and eval folders, task denoise) trains against the
+    paper's sigma <= 75 from data/start-awgn75.pt, and says so in one line beside the real images' noise estimate."""
+    root = str(tmp_path / "ex")
+    folders.write_example_folders(root, n_clean=2, n_real=2, n_eval=2, size=48, log=Log())
+    out = str(tmp_path / "run")
+    cmd = ["train", "--task", "denoise", "--clean-dir", os.path.join(root, "clean"), "--real-dir",
+           os.path.join(root, "real"), "--eval-dir", os.path.join(root, "eval"), "--out", out, "--steps", "1",
+           "--n_test", "2", "--device", "cpu"]
+    assert folders.main(cmd) == 0
+    cfg = json.loads(capsys.readouterr().out.split("config: ", 1)[1].splitlines()[0])
+    assert cfg["sigma_max"] == 75.0 and cfg["start"] == "shipped" and cfg["real_noise"] == "white"
+    saved = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["config"]
+    assert saved["sigma_max"] == 75.0 and saved["start"] == "shipped"
+    assert folders.main(cmd + ["--force", "--sigma_max", "15"]) == 0          # an explicit range wins
+    text = capsys.readouterr().out
+    assert '"sigma_max": 15.0' in text and "start-awgn15.pt" in text and "ABOVE the synthetic range" in text
+    assert folders.main(cmd[:3] + cmd[7:] + ["--force"]) == 0                  # no real folder: the built-in default
+    assert '"sigma_max": 15.0' in capsys.readouterr().out

@@ -1,0 +1,89 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo), the tiny preset, launched as subprocesses."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dada_min as dm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRIVER = os.path.join(ROOT, "tests", "ddp_driver.py")
+FLAGS = ["--preset", "tiny", "--method", "da", "--device", "cpu", "--eval_every", "2", "--log_every", "2"]
+
+
+def torchrun(*args, nproc=2, timeout=180):
+    """Launch the driver under torchrun (nproc > 1) or alone; returns the CompletedProcess."""
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+              if nproc > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(launch + [DRIVER, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_two_processes_hold_the_same_weights_and_their_checkpoint_resumes_anywhere(tmp_path):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    r = torchrun("train", out, *FLAGS, "--steps", "4", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "data-parallel: 2 processes (gloo), global batch 4 x 2 = 8" in r.stdout
+    assert r.stdout.count("config:") == 1                                      # rank 0 alone speaks
+    a, b = (torch.load(os.path.join(out, f"rank{i}.pt"), weights_only=True) for i in (0, 1))
+    for net in ("G", "G_ema", "D"):
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net])            # DDP kept the copies equal
+    blob = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert blob["step"] == 4 and blob["world_size"] == 2
+    assert all(torch.equal(blob["restorer"][k], a["G"][k]) for k in a["G"])
+    # resume single-process, then again under torchrun
+    r = torchrun("train", out, *FLAGS, "--steps", "6", "--out", out, "--resume", nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trained by 2 process(es), now 1" in r.stdout
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 6
+    r = torchrun("train", out, *FLAGS, "--steps", "8", "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    blob = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert blob["step"] == 8 and blob["world_size"] == 2 and len(blob["history"]["eval_step"]) == 4
+
+
+def test_a_non_finite_loss_on_one_process_stops_both(tmp_path):
+    out = str(tmp_path / "nan")
+    os.makedirs(out)
+    r = torchrun("nan", out, *FLAGS, "--steps", "20", "--out", out)
+    assert r.returncode != 0
+    # both ranks stop at the same step with the guard's text: DDP averaged rank 1's NaN gradients into rank 0's
+    assert r.stderr.count("error: training diverged at step 3") == 2, r.stderr[-3000:]
+    assert "loss_res=nan" in r.stderr and "grad_norm=nan" in r.stderr
+    blob = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert blob["step"] == 2                                                   # the last finite evaluation is kept
+    assert not os.path.exists(os.path.join(out, "rank0.pt"))
+
+
+def test_two_processes_take_the_gradient_of_one_process_on_the_same_global_batch(tmp_path):
+    out = str(tmp_path)
+    for nproc in (1, 2):
+        r = torchrun("grad", out, nproc=nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one = torch.load(os.path.join(out, "grad-1-0.pt"), weights_only=True)
+    two = [torch.load(os.path.join(out, f"grad-2-{i}.pt"), weights_only=True) for i in (0, 1)]
+    for g1, g2a, g2b in zip(one["grad"], two[0]["grad"], two[1]["grad"]):
+        torch.testing.assert_close(g2a, g2b, rtol=0, atol=0)                   # every process steps alike
+        torch.testing.assert_close(g2a, g1, rtol=1e-4, atol=1e-7)              # = the one-process gradient
+    # after one identical step, the mean of the two halves' losses is the loss of the whole batch
+    assert (two[0]["loss2"] + two[1]["loss2"]) / 2 == pytest.approx(one["loss2"], rel=1e-5)
+
+
+def test_without_torchrun_nothing_is_distributed():
+    assert dm.dist_rank() == (0, 1) and dm.dist_any(True, torch.device("cpu")) and not dm.dist_any(False, "cpu")
+    with pytest.raises(ValueError, match="single-process only"):
+        import baselines  # noqa: F401
+        dm.data_parallel(dm.make_config("tiny", method="dann"), None, None, torch.device("cpu"))
+
+
+def test_a_process_whose_own_terms_are_finite_still_stops_when_another_diverged(monkeypatch):
+    """(fp16 runs skip the gradient norm, so a NaN loss elsewhere need not reach this process's terms.)"""
+    guard = dm.DivergenceGuard(dm.make_config("tiny"), torch.device("cpu"))
+    guard.update(1, {"loss_res": torch.tensor(0.5)})
+    guard.check()                                                              # finite everywhere: no error
+    monkeypatch.setattr(dm, "dist_any", lambda flag, device: True)             # another process saw a NaN
+    with pytest.raises(dm.TrainingDiverged, match="diverged on another process"):
+        guard.check()
