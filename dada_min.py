@@ -474,12 +474,12 @@ class Data:
         return Data(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
 
 
-def make_data(cfg, device="cpu"):
-    """Deterministic built-in data from cfg.seed: four disjoint sets of clean images."""
+def make_data(cfg, device="cpu", clean=dead_leaves):
+    """Deterministic built-in data from cfg.seed: four disjoint sets of clean images, made by clean(n, size, gen)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     real_fn = TASKS[cfg.task]["real"][cfg.real_noise]
     sizes = [cfg.n_syn, cfg.n_real, cfg.n_test, cfg.n_test]
-    syn_clean, real_clean, test_syn_clean, test_real_clean = dead_leaves(sum(sizes), cfg.image_size, gen).split(sizes)
+    syn_clean, real_clean, test_syn_clean, test_real_clean = clean(sum(sizes), cfg.image_size, gen).split(sizes)
     return Data(syn_clean=syn_clean, real_noisy=real_fn(real_clean, gen), real_clean=real_clean,
                 test_syn_noisy=degrade_synthetic(cfg, test_syn_clean, gen), test_syn_clean=test_syn_clean,
                 test_real_noisy=real_fn(test_real_clean, gen), test_real_clean=test_real_clean).to(device)

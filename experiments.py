@@ -6,6 +6,7 @@ each. They import dada_min (the method) and never the other way round.
     python experiments.py condition    # Fig. 1a: noise-prediction error against the condition's noise
     python experiments.py shortcut     # Fig. 2: joint training with and without the two tricks
     python experiments.py effect       # when does DA close the vanilla -> oracle gap? (docs/effect.md)
+    python experiments.py worlds [--photos DIR]   # statistics of the built-in clean worlds (vs photographs)
     python experiments.py NAME --quick # a seconds-long run (what the tests use); --field value as dada_min.py
     python experiments.py --make-start # retrain the shipped converged starts data/start-awgn*.pt
 
@@ -649,6 +650,88 @@ def _plot_effect(path, res):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Clean-image worlds: how far is the built-in world from photographs, at the scale the networks see?
+# ----------------------------------------------------------------------------------------------------------
+# A restorer trained on 32 px crops sees only what a 32 px crop holds. Three statistics of clean crops, each
+# compared with tiles of photographs (`python experiments.py worlds --photos DIR`; no photograph is shipped):
+#   hf:    energy of x - box5(x), the same high-pass band as hf_ratio: how much of a crop is edges and texture
+#   edges: share of pixels whose luma gradient (central differences) exceeds 0.1 per pixel
+#   slope: slope of the radially averaged power spectrum of the luma on log-log axes (natural images: about -2)
+def luma(x):
+    return (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def spectrum_slope(x):
+    """Mean over images of the log-log slope of the radially averaged power spectrum of luma(x), fitted between 2 and
+    n/2 cycles per image (n: the side; the mean and the lowest frequency are left out). x: (B, 3, n, n)."""
+    y = luma(x)[:, 0]
+    y = y - y.mean((1, 2), keepdim=True)
+    n = y.shape[-1]
+    power = torch.fft.fft2(y).abs() ** 2                                          # (B, n, n)
+    f = torch.fft.fftfreq(n) * n
+    r = torch.sqrt(f.view(-1, 1) ** 2 + f.view(1, -1) ** 2).round().long()        # radius in cycles per image
+    radii = torch.arange(2, n // 2 + 1)
+    radial = torch.stack([power[:, r == k].mean(1) for k in radii], 1)            # (B, K)
+    lx, ly = torch.log(radii.float()), torch.log(radial.clamp(min=1e-20))
+    lx = lx - lx.mean()
+    return float(((ly - ly.mean(1, keepdim=True)) * lx).sum(1).div((lx ** 2).sum()).mean())
+
+
+def clean_stats(x, crop=32):
+    """The three statistics of clean images x (B, 3, H, W), measured on their centre crops of `crop` px."""
+    top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
+    x = x[..., top:top + crop, left:left + crop]
+    y = luma(x)
+    gy, gx = y[..., 2:, 1:-1] - y[..., :-2, 1:-1], y[..., 1:-1, 2:] - y[..., 1:-1, :-2]   # central differences
+    grad = torch.sqrt(gx ** 2 + gy ** 2) / 2
+    return {"hf": float(((x - box5(x)) ** 2).mean()), "edges": float((grad > 0.1).float().mean()),
+            "slope": spectrum_slope(x)}
+
+
+def defocus(x, sigma):
+    """A Gaussian defocus of sigma px (the blur of a lens focused elsewhere)."""
+    return dm.blur(x, dm.gaussian_kernels(torch.full((x.shape[0],), sigma), int(2 * math.ceil(3 * sigma) + 1)))
+
+
+# name -> clean(n, size, gen): the current world and variants that change one property at a time
+WORLDS = {
+    "dead leaves (current)": lambda n, s, g: dm.dead_leaves(n, s, g),
+    "min radius 6 px": lambda n, s, g: dm.dead_leaves(n, s, g, min_radius=6.0),
+    "60 discs": lambda n, s, g: dm.dead_leaves(n, s, g, n_discs=60),
+    "defocus 1.5 px": lambda n, s, g: defocus(dm.dead_leaves(n, s, g), 1.5),
+    "2x canvas, crop": lambda n, s, g: dm.dead_leaves(n, 2 * s, g)[..., s // 2:s // 2 + s, s // 2:s // 2 + s],
+    "60 discs, radius 6, defocus 1.5": lambda n, s, g: defocus(dm.dead_leaves(n, s, g, n_discs=60, min_radius=6.0),
+                                                                1.5),
+}
+
+
+@experiment(size=dict(image_size=48, patch_size=32), quick=dict())
+def exp_worlds(cfg, out, quick, log=print, photos=None):
+    """Statistics of each built-in clean world (WORLDS) and, with --photos DIR, of 48 px tiles of photographs."""
+    t0, c0, _ = begin(cfg, out)
+    n = 32 if quick else 256
+    pools = {name: fn(n, cfg.image_size, torch.Generator().manual_seed(cfg.seed)) for name, fn in WORLDS.items()}
+    if photos:
+        import folders
+        pools[f"photographs ({os.path.basename(os.path.normpath(photos))})"] = folders.folder_tiles(
+            photos, cfg.image_size, torch.Generator().manual_seed(cfg.seed), log=log)
+    stats = {name: clean_stats(x, cfg.patch_size) for name, x in pools.items()}
+    ref = stats[next(iter(stats))] if not photos else stats[list(stats)[-1]]
+    log(f"\n{'clean world':34s} {'hf':>8s} {'edges':>7s} {'slope':>7s}   (crops of {cfg.patch_size} px; "
+        f"hf relative to the {'photographs' if photos else 'first row'})")
+    for name, st in stats.items():
+        log(f"{name:34s} {st['hf']:8.5f} {st['edges']:7.3f} {st['slope']:7.2f}   hf x{st['hf'] / ref['hf']:.2f}")
+    plt = pyplot()
+    fig, axes = plt.subplots(len(pools), 6, figsize=(9, 1.6 * len(pools)), squeeze=False)
+    for i, (name, x) in enumerate(pools.items()):
+        for j in range(6):
+            dm.show_image(axes[i, j], x[j * (len(x) // 6)])
+        axes[i, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+    save_figure(fig, os.path.join(out, "worlds.png"), dpi=80)
+    return finish("worlds", out, {"crop": cfg.patch_size, "image_size": cfg.image_size, "stats": stats}, t0, c0, log)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The shipped starts: the converged synthetic-only restorers every cpu-demo run continues from
 # ----------------------------------------------------------------------------------------------------------
 # `python experiments.py --make-start` retrains data/start-awgn{15,75}.pt with exactly these settings
@@ -889,6 +972,7 @@ def build_parser():
                    help="instead: compare the paper networks and DA loss with a checkout of the official code")
     p.add_argument("--quick", action="store_true", help="the seconds-long size used by the tests")
     p.add_argument("--out", default=None, help="output directory (default: runs/NAME)")
+    p.add_argument("--photos", default=None, metavar="DIR", help="worlds: a folder of clean photographs to compare with")
     return p
 
 
@@ -923,8 +1007,10 @@ def main(argv=None):
             cfg = dm.parse_config(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.photos and args.name != "worlds":
+        parser.error("--photos is for the worlds experiment")
     print("config:", json.dumps(dataclasses.asdict(cfg)))
-    exp(cfg, args.out or f"runs/{args.name}", args.quick)
+    exp(cfg, args.out or f"runs/{args.name}", args.quick, **({"photos": args.photos} if args.photos else {}))
     return 0
 
 

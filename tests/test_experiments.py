@@ -263,3 +263,37 @@ def test_scripted_draws_replace_and_restore_the_generators():
     with experiments.scripted_draws([torch.tensor([7])], [torch.tensor([0.25])]):
         assert torch.randint(1, 10, (1,)).item() == 7 and torch.rand(1).item() == 0.25
     assert torch.rand(3).shape == (3,) and torch.randint(0, 2, (2,)).shape == (2,)
+
+
+# --- clean-image worlds ---------------------------------------------------------------------------------------
+
+def test_clean_stats_see_edges_blur_and_the_spectrum_slope():
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.full((4, 3, 32, 32), 0.5)
+    st = experiments.clean_stats(flat + 1e-3 * torch.randn(flat.shape, generator=gen))
+    assert st["edges"] == 0.0 and st["hf"] < 1e-5
+    sharp = dm.dead_leaves(16, 48, gen)
+    soft = experiments.defocus(sharp, 1.5)
+    a, b = experiments.clean_stats(sharp), experiments.clean_stats(soft)
+    assert b["hf"] < 0.3 * a["hf"] and b["edges"] < a["edges"] and b["slope"] < a["slope"]
+    # white noise has a flat spectrum (slope 0); 1/f^2 noise made in Fourier space has slope -2
+    assert abs(experiments.spectrum_slope(torch.randn(8, 3, 64, 64, generator=gen))) < 0.2
+    f = torch.fft.fftfreq(64).abs()
+    r = torch.sqrt(f.view(-1, 1) ** 2 + f.view(1, -1) ** 2).clamp(min=1 / 64)
+    pink = torch.fft.ifft2(torch.fft.fft2(torch.randn(8, 64, 64, generator=gen)) / r).real
+    assert abs(experiments.spectrum_slope(pink[:, None].expand(-1, 3, -1, -1)) + 2) < 0.2
+
+
+def test_worlds_quick_compares_with_a_photo_folder(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+    for i in range(2):
+        Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()).save(photos / f"{i}.png")
+    out = str(tmp_path / "w")
+    assert experiments.main(["worlds", "--quick", "--out", out, "--photos", str(photos)]) == 0
+    r = json.load(open(os.path.join(out, "worlds.json")))
+    assert set(experiments.WORLDS) < set(r["stats"]) and "photographs (photos)" in r["stats"]
+    assert r["crop"] == 16 and os.path.getsize(os.path.join(out, "worlds.png")) > 1000
+    data = dm.make_data(dm.make_config("tiny"), clean=experiments.WORLDS["defocus 1.5 px"])   # a world as data
+    assert data.syn_clean.shape == (32, 3, 32, 32)
