@@ -93,7 +93,7 @@ class Config:
     restorer: str = "unet"        # G's architecture, one of RESTORERS: unet (a new one is one entry there)
     r_width: int = 16             # channels at the first level (paper: 64)
     r_depth: int = 3              # UNet levels; inputs are padded to a multiple of 2^(depth-1) (paper: 4)
-    r_zero_head: bool = True      # G's last conv starts at zero, so a fresh G is the identity; false: Kaiming (official)
+    r_zero_head: bool = True      # G's last conv starts at zero (a fresh G is the identity); false: Kaiming (official)
     start: str = "auto"           # G's starting weights: shipped (data/start-awgn{sigma_max}.pt, see STARTS) | scratch
                                   # | a checkpoint.pt PATH; auto: shipped where one fits (start_matches), else scratch
     # --- conditional denoiser eps_theta ---

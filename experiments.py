@@ -7,6 +7,7 @@ each. They import dada_min (the method) and never the other way round.
     python experiments.py shortcut     # Fig. 2: joint training with and without the two tricks
     python experiments.py effect       # when does DA close the vanilla -> oracle gap? (docs/effect.md)
     python experiments.py worlds [--photos DIR]   # statistics of the built-in clean worlds (vs photographs)
+    python experiments.py world_effect # vanilla / DA / oracle on each of those worlds, 3 seeds (docs/effect.md)
     python experiments.py NAME --quick # a seconds-long run (what the tests use); --field value as dada_min.py
     python experiments.py --make-start # retrain the shipped converged starts data/start-awgn*.pt
 
@@ -696,12 +697,12 @@ def defocus(x, sigma):
 # name -> clean(n, size, gen): the current world and variants that change one property at a time
 WORLDS = {
     "dead leaves (current)": lambda n, s, g: dm.dead_leaves(n, s, g),
-    "min radius 6 px": lambda n, s, g: dm.dead_leaves(n, s, g, min_radius=6.0),
-    "60 discs": lambda n, s, g: dm.dead_leaves(n, s, g, n_discs=60),
-    "defocus 1.5 px": lambda n, s, g: defocus(dm.dead_leaves(n, s, g), 1.5),
-    "2x canvas, crop": lambda n, s, g: dm.dead_leaves(n, 2 * s, g)[..., s // 2:s // 2 + s, s // 2:s // 2 + s],
     "60 discs, radius 6, defocus 1.5": lambda n, s, g: defocus(dm.dead_leaves(n, s, g, n_discs=60, min_radius=6.0),
                                                                 1.5),
+    "defocus 1.5 px": lambda n, s, g: defocus(dm.dead_leaves(n, s, g), 1.5),
+    "min radius 6 px": lambda n, s, g: dm.dead_leaves(n, s, g, min_radius=6.0),
+    "2x canvas, crop": lambda n, s, g: dm.dead_leaves(n, 2 * s, g)[..., s // 2:s // 2 + s, s // 2:s // 2 + s],
+    "60 discs": lambda n, s, g: dm.dead_leaves(n, s, g, n_discs=60),
 }
 
 
@@ -728,7 +729,64 @@ def exp_worlds(cfg, out, quick, log=print, photos=None):
             dm.show_image(axes[i, j], x[j * (len(x) // 6)])
         axes[i, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
     save_figure(fig, os.path.join(out, "worlds.png"), dpi=80)
-    return finish("worlds", out, {"crop": cfg.patch_size, "image_size": cfg.image_size, "stats": stats}, t0, c0, log)
+    return finish("worlds", out, {"experiment": "worlds", "config": dataclasses.asdict(cfg), "crop": cfg.patch_size,
+                                  "image_size": cfg.image_size, "stats": stats}, t0, c0, log)
+
+
+PHOTO_HF = 0.00245             # hf of 48 px tiles of the McMaster photographs (docs/effect.md)
+
+
+def world_claims(worlds):
+    """The pre-registered hypotheses of docs/effect.md, judged on the worlds measured so far (mean over seeds)."""
+    gain = {k: w["da_gain_real_db"]["mean"] for k, w in worlds.items()}
+    hf = {k: w["clean_stats"]["hf"] for k, w in worlds.items()}
+    low = [k for k in worlds if hf[k] <= 2 * PHOTO_HF]
+    rank = lambda v: np.argsort(np.argsort(v))                                     # noqa: E731 (ranks, no ties)
+    rho = float(np.corrcoef(rank([hf[k] for k in worlds]), rank([gain[k] for k in worlds]))[0, 1]) \
+        if len(worlds) > 2 else float("nan")
+    same = [k for k in ("60 discs", "2x canvas, crop") if k in worlds]
+    cur = gain.get("dead leaves (current)")
+    return {"H1: gain rises as hf falls (rank correlation of hf and gain < 0)": bool(rho < 0),
+            "H1: every world with hf <= 2x photographs' gains (mean > 0)": bool(low) and all(gain[k] > 0 for k in low),
+            "H3: disc count and canvas size keep the current world's sign": bool(same) and cur is not None
+            and all((gain[k] > 0) == (cur > 0) for k in same)}
+
+
+@experiment(size=dict(steps=400, eval_every=0, log_every=200), quick=dict(steps=4, eval_every=0, log_every=4))
+def exp_world_effect(cfg, out, quick, log=print):
+    """The property runs of docs/effect.md: per clean world (WORLDS, in order), vanilla, DA and the oracle from the
+    same start on that world's data (real-like domain cfg.real_noise), seeds cfg.seed.. (3; 1 with --quick).
+    Reports DA - vanilla and the gap closed on real-like PSNR beside the world's clean statistics; the JSON is
+    rewritten after each world, so an interrupted run keeps the worlds it finished."""
+    t0, c0, device = begin(cfg, out)
+    seeds = exp_seeds(cfg, quick)
+    results = {"experiment": "world_effect", "config": dataclasses.asdict(cfg), "seeds": seeds, "worlds": {}}
+    for name, clean in list(WORLDS.items())[:2 if quick else None]:
+        runs = {m: [] for m in ("vanilla", "da", "oracle")}
+        for seed in seeds:
+            c = dataclasses.replace(cfg, seed=seed)
+            data = dm.make_data(c, device, clean=clean)
+            for m in runs:
+                state = dm.train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
+                runs[m].append(dm.evaluate_pools(state.G_eval, data))
+        gains = [d["real_psnr"] - v["real_psnr"] for d, v in zip(runs["da"], runs["vanilla"])]
+        closed = [g / (o["real_psnr"] - v["real_psnr"]) for g, o, v in zip(gains, runs["oracle"], runs["vanilla"])]
+        syn = [d["syn_psnr"] - v["syn_psnr"] for d, v in zip(runs["da"], runs["vanilla"])]
+        results["worlds"][name] = {
+            "clean_stats": clean_stats(clean(256, cfg.image_size, torch.Generator().manual_seed(cfg.seed)),
+                                       cfg.patch_size),
+            **{m: summarize(r) for m, r in runs.items()}, "da_gain_real_db": mean_std(gains),
+            "gap_closed": mean_std(closed), "da_syn_change_db": mean_std(syn)}
+        log(f"{name}: DA - vanilla {fmt(mean_std(gains))} dB, gap closed {fmt(mean_std(closed))}, "
+            f"synthetic change {fmt(mean_std(syn))} dB")
+        results["claims"] = world_claims(results["worlds"])
+        dm.atomic_write_text(os.path.join(out, "world_effect.json"), json.dumps(results, indent=1))
+    log(f"\n{'clean world':34s} {'hf':>8s} " + " ".join(f"{h:>14s}" for h in ("vanilla", "DA - vanilla", "gap closed",
+                                                                              "syn change")))
+    for name, r in results["worlds"].items():
+        log(f"{name:34s} {r['clean_stats']['hf']:8.5f} {fmt(r['vanilla']['real_psnr']):>14s} "
+            f"{fmt(r['da_gain_real_db']):>14s} {fmt(r['gap_closed']):>14s} {fmt(r['da_syn_change_db']):>14s}")
+    return finish("world_effect", out, results, t0, c0, log)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -803,7 +861,8 @@ def denoiser_pairs(ours, official):
 def to_ours(name, t, ours_t, heads):
     """An official tensor in dada_min's layout: Conv1d (c, k, 1) -> Conv2d (c, k, 1, 1); qkv rows permuted back."""
     if t.numel() != ours_t.numel():
-        raise ValueError(f"official {name} {tuple(t.shape)} has no counterpart of that size in dada_min ({tuple(ours_t.shape)})")
+        raise ValueError(f"official {name} {tuple(t.shape)} has no counterpart of that size in dada_min "
+                         f"({tuple(ours_t.shape)})")
     t = t.reshape(ours_t.shape)
     if ".qkv." in name:                                                              # head-major -> (3, heads, ...)
         t = t[torch.argsort(qkv_rows(t.shape[0] // 3, heads))]
@@ -972,7 +1031,8 @@ def build_parser():
                    help="instead: compare the paper networks and DA loss with a checkout of the official code")
     p.add_argument("--quick", action="store_true", help="the seconds-long size used by the tests")
     p.add_argument("--out", default=None, help="output directory (default: runs/NAME)")
-    p.add_argument("--photos", default=None, metavar="DIR", help="worlds: a folder of clean photographs to compare with")
+    p.add_argument("--photos", default=None, metavar="DIR",
+                   help="worlds: a folder of clean photographs to compare with")
     return p
 
 

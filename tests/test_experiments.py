@@ -297,3 +297,19 @@ def test_worlds_quick_compares_with_a_photo_folder(tmp_path):
     assert r["crop"] == 16 and os.path.getsize(os.path.join(out, "worlds.png")) > 1000
     data = dm.make_data(dm.make_config("tiny"), clean=experiments.WORLDS["defocus 1.5 px"])   # a world as data
     assert data.syn_clean.shape == (32, 3, 32, 32)
+
+
+def test_world_effect_quick(tmp_path):
+    out, res = run_quick("world_effect", tmp_path)
+    assert list(res["worlds"]) == list(experiments.WORLDS)[:2]
+    for w in res["worlds"].values():
+        assert set(w) >= {"clean_stats", "vanilla", "da", "oracle", "da_gain_real_db", "gap_closed"}
+        check_metrics(w["da"])
+        gain = w["da"]["real_psnr"]["mean"] - w["vanilla"]["real_psnr"]["mean"]
+        assert w["da_gain_real_db"]["mean"] == pytest.approx(gain)
+    fake = {k: {"da_gain_real_db": {"mean": g}, "clean_stats": {"hf": hf}} for k, g, hf in (
+        ("dead leaves (current)", -2.0, 0.012), ("60 discs", -1.5, 0.012), ("2x canvas, crop", -1.0, 0.010),
+        ("defocus 1.5 px", 0.5, 0.0012))}
+    assert all(experiments.world_claims(fake).values())                       # the claims can hold ...
+    fake["defocus 1.5 px"]["da_gain_real_db"]["mean"] = -3.0                   # ... and fail
+    assert not experiments.world_claims(fake)["H1: every world with hf <= 2x photographs' gains (mean > 0)"]
