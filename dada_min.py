@@ -871,7 +871,10 @@ def dist_setup(device):
 
 
 def dist_teardown():
+    """Leave the process group once every process is done (a barrier first: a process that tears its connections
+    down while another still uses them can abort the other)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
