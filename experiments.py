@@ -769,15 +769,16 @@ def exp_world_effect(cfg, out, quick, log=print):
             for m in runs:
                 state = dm.train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
                 runs[m].append(dm.evaluate_pools(state.G_eval, data))
-        gains = [d["real_psnr"] - v["real_psnr"] for d, v in zip(runs["da"], runs["vanilla"])]
+        gain = summarize(runs["da"], runs["vanilla"])["real_gain_db"]                # the paired per-seed gains
+        gains = gain["values"]
         closed = [g / (o["real_psnr"] - v["real_psnr"]) for g, o, v in zip(gains, runs["oracle"], runs["vanilla"])]
         syn = [d["syn_psnr"] - v["syn_psnr"] for d, v in zip(runs["da"], runs["vanilla"])]
         results["worlds"][name] = {
             "clean_stats": clean_stats(clean(256, cfg.image_size, torch.Generator().manual_seed(cfg.seed)),
                                        cfg.patch_size),
-            **{m: summarize(r) for m, r in runs.items()}, "da_gain_real_db": mean_std(gains),
+            **{m: summarize(r) for m, r in runs.items()}, "da_gain_real_db": gain,
             "gap_closed": mean_std(closed), "da_syn_change_db": mean_std(syn)}
-        log(f"{name}: DA - vanilla {fmt(mean_std(gains))} dB, gap closed {fmt(mean_std(closed))}, "
+        log(f"{name}: DA - vanilla {fmt(gain)} dB, gap closed {fmt(mean_std(closed))}, "
             f"synthetic change {fmt(mean_std(syn))} dB")
         results["claims"] = world_claims(results["worlds"])
         dm.atomic_write_text(os.path.join(out, "world_effect.json"), json.dumps(results, indent=1))
@@ -869,9 +870,14 @@ def to_ours(name, t, ours_t, heads):
     return t
 
 
+def attn_heads(D):
+    """The head count of eps_theta's attention block (the qkv permutation depends on it)."""
+    return next(m.heads for m in D.modules() if isinstance(m, dm.AttnBlock))
+
+
 def copy_official_weights(G, D, off_G, off_D, log=print):
     """Copy the official restorer's and denoiser's weights into dada_min's G and D; print the mapping."""
-    heads = next(m.heads for m in D.modules() if isinstance(m, dm.AttnBlock))
+    heads = attn_heads(D)
     with torch.no_grad():
         off_convs = [m for m in off_G.modules() if isinstance(m, torch.nn.Conv2d)]
         names = {m: n for n, m in off_G.named_modules()}
@@ -984,7 +990,7 @@ def check_official(repo, size=32, batch=2, seed=0, log=print):
     results["L_noise = (Eq. 1 + Eq. 3) / 2"] = (relative_diff(ours_dif, loss_noise), CHECK_TOL["loss"])
     (loss_syn + cfg.alpha_max * loss_noise).backward()
     (ours_res + cfg.alpha_max * ours_dif).backward()
-    heads = next(m.heads for m in D.modules() if isinstance(m, dm.AttnBlock))
+    heads = attn_heads(D)
     g_off = [o.weight.grad for o in off.RestorationNet.modules() if isinstance(o, torch.nn.Conv2d)]
     g_ours = [m.weight.grad for m in restorer_convs(G)]
     results["gradient, restorer weights"] = (max(relative_diff(a, b) for a, b in zip(g_ours, g_off)), CHECK_TOL["grad"])
