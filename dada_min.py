@@ -83,6 +83,7 @@ class Config:
     compile: bool = False         # torch.compile the networks (opt-in; CUDA with Triton only, else a note)
     # --- built-in data (all images in [0, 1], as the official denoising config) ---
     image_size: int = 48          # side of each generated clean image, px
+    world: str = "natural"        # built-in clean images, one of WORLDS: natural (photo statistics) | dead-leaves (sharp)
     patch_size: int = 32          # side of the random training crops, px
     n_syn: int = 512              # clean images behind the synthetic training pairs
     n_real: int = 512             # unpaired real-like training images (from OTHER clean images)
@@ -94,7 +95,7 @@ class Config:
     r_width: int = 16             # channels at the first level (paper: 64)
     r_depth: int = 3              # UNet levels; inputs are padded to a multiple of 2^(depth-1) (paper: 4)
     r_zero_head: bool = True      # G's last conv starts at zero (a fresh G is the identity); false: Kaiming (official)
-    start: str = "auto"           # G's starting weights: shipped (data/start-awgn{sigma_max}.pt, see STARTS) | scratch
+    start: str = "auto"           # G's starting weights: shipped (data/, the world's and sigma_max's; STARTS) | scratch
                                   # | a checkpoint.pt PATH; auto: shipped where one fits (start_matches), else scratch
     # --- conditional denoiser eps_theta ---
     d_width: int = 16             # base channels (paper: 64)
@@ -141,12 +142,14 @@ class Config:
             bad("real_noise", f"is not one of {sorted(TASKS[self.task]['real'])} (or auto) for task {self.task!r}")
         if self.sigma_max is None:                      # resolved once, like real_noise
             self.sigma_max = TASKS[self.task].get("sigma_max", {}).get(self.real_noise, 75.0)
+        if self.world not in WORLDS:
+            bad("world", f"is not one of {sorted(WORLDS)}")
         if self.restorer not in RESTORERS:
             bad("restorer", f"is not one of {sorted(RESTORERS)}")
         if self.start == "auto":                        # resolved once, so checkpoints record the choice
             self.start = "shipped" if start_matches(self) else "scratch"
         if self.start == "shipped" and not start_matches(self):
-            bad("start", f"shipped starts exist for task denoise with sigma_max in {sorted(STARTS)} and restorer="
+            bad("start", f"shipped starts exist for task denoise with (world, sigma_max) in {sorted(STARTS)} and restorer="
                          f"{Config.restorer}, r_width={Config.r_width}, r_depth={Config.r_depth} only; use start=scratch or a checkpoint path")
         if self.start not in ("shipped", "scratch") and not os.path.isfile(self.start):
             bad("start", "must be auto, shipped, scratch or the path of an existing checkpoint.pt")
@@ -203,18 +206,20 @@ PRESETS = {
 
 # NOTE(simplification): the shipped starts. The official alpha ramp spans 300 epochs (~1e5 steps), so G is a converged
 # synthetic denoiser long before the diffusion loss weighs anything. dada-min ships such restorers (vanilla, 6000 steps,
-# cpu-demo sizes), one per range in TASKS["denoise"]["sigma_max"] (`python experiments.py --make-start`); all demo
-# methods start there.
-STARTS = {15.0: "start-awgn15.pt", 75.0: "start-awgn75.pt"}        # sigma_max -> file in data/
+# cpu-demo sizes), one per clean world and range in TASKS["denoise"]["sigma_max"] (`python experiments.py
+# --make-start`); all demo methods start there.
+STARTS = {("natural", 15.0): "start-awgn15.pt", ("natural", 75.0): "start-awgn75.pt",        # (world, sigma_max)
+          ("dead-leaves", 15.0): "start-awgn15-dead-leaves.pt", ("dead-leaves", 75.0): "start-awgn75-dead-leaves.pt"}
 
 
-def start_path(sigma_max):
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", STARTS[sigma_max])
+def start_path(world, sigma_max):
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", STARTS[world, sigma_max])
 
 
 def start_matches(cfg):
-    """Whether a shipped start fits cfg: denoising, a shipped synthetic range, the cpu-demo restorer sizes."""
-    return (cfg.task == "denoise" and cfg.sigma_max in STARTS and os.path.isfile(start_path(cfg.sigma_max))
+    """Whether a shipped start fits cfg: denoising, a shipped world and range, the cpu-demo restorer sizes."""
+    return (cfg.task == "denoise" and (cfg.world, cfg.sigma_max) in STARTS
+            and os.path.isfile(start_path(cfg.world, cfg.sigma_max))
             and (cfg.restorer, cfg.r_width, cfg.r_depth) == (Config.restorer, Config.r_width, Config.r_depth))
 
 
@@ -231,7 +236,7 @@ def make_config(preset="cpu-demo", **overrides):
 # ----------------------------------------------------------------------------------------------------------
 # Data: clean images, the two degradations, four pools
 # ----------------------------------------------------------------------------------------------------------
-# NOTE(simplification): clean images come from a dead-leaves generator instead of DIV2K/Flickr2K/WED/BSD, the real-like
+# NOTE(simplification): clean images come from a generator (WORLDS) instead of DIV2K/Flickr2K/WED/BSD, the real-like
 # sets from a simulated camera instead of SIDD: no download, and a known real-like ground truth (oracle, diagnostic).
 def dead_leaves(n, size, gen, n_discs=250, min_radius=3.0, device="cpu", chunk=32):
     """Clean images with natural-image statistics: the dead-leaves model (occluding discs, radii following p(r) ~ r^-3,
@@ -260,6 +265,25 @@ def dead_leaves(n, size, gen, n_discs=250, min_radius=3.0, device="cpu", chunk=3
         img = torch.where(inside.any(1)[..., None], colour_px * shade, background[i:i + chunk, None])
         out.append(img.view(-1, s, s, 3).permute(0, 3, 1, 2))                       # (m, 3, s, s)
     return F.avg_pool2d(torch.cat(out), 2).clamp(0, 1)
+
+
+def natural_leaves(n, size, gen, contrast=0.44, texture=0.04, device="cpu"):
+    """Clean images whose statistics at the training crop match photographs' (docs/effect.md, "a world that tells the
+    truth"): dead leaves at natural local contrast (each image pulled towards its mean colour) with a fine 1/f
+    luminance texture, so most of a crop is gently shaded surface and a few edges, as in a 48 px tile of a photograph.
+    On 32 px crops: hf 0.0025, edge share 0.056, spectrum slope -2.71 (photographs: 0.0024, 0.084, -2.70; the sharp
+    dead leaves: 0.0123, 0.208, -2.77). (n, 3, size, size) in [0, 1]."""
+    x = dead_leaves(n, size, gen)                                                   # (n, 3, s, s)
+    mean = x.mean((2, 3), keepdim=True)                                             # (n, 3, 1, 1)
+    f = torch.fft.fftfreq(size)
+    radius = torch.sqrt(f.view(-1, 1) ** 2 + f.view(1, -1) ** 2).clamp(min=1 / size)   # (s, s) cycles per px
+    grain = torch.fft.ifft2(torch.fft.fft2(torch.randn(n, 1, size, size, generator=gen)) / radius).real  # power ~ 1/f^2
+    grain = grain / grain.std((2, 3), keepdim=True)                                 # (n, 1, s, s), unit std
+    return ((mean + contrast * (x - mean)) * (1 + texture * grain)).clamp(0, 1).to(device)
+
+
+# world -> clean(n, size, gen): the built-in clean images (Config.world)
+WORLDS = {"natural": natural_leaves, "dead-leaves": dead_leaves}
 
 
 def add_awgn(y, sigma_max, gen=None):
@@ -322,6 +346,16 @@ def white_noise(y, gen=None, sigma=(30.0, 60.0)):
     s = (sigma[0] + (sigma[1] - sigma[0]) * torch.rand(y.shape[0], 1, 1, 1, generator=gen, device=y.device)) / 255
     var = s ** 2 * (0.25 + 1.5 * y)          # grows with brightness; the mean of (0.25 + 1.5 y) is ~1 for y ~ U[0, 1]
     return (y + var.sqrt() * torch.randn(y.shape, generator=gen, device=y.device)).clamp(0, 1)
+
+
+def correlated_noise(y, gen=None, sigma=(5.0, 15.0), width=1.0):
+    """A real-like domain INSIDE the synthetic range sigma <= 15 whose noise is spatially correlated: white noise
+    blurred by a Gaussian of `width` px, rescaled to a per-pixel sigma ~ U[5, 15]/255. Its energy sits at the middle
+    frequencies, where a restorer trained on white noise of the same strength barely looks."""
+    n = y.shape[0]
+    s = (sigma[0] + (sigma[1] - sigma[0]) * torch.rand(n, 1, 1, 1, generator=gen, device=y.device)) / 255
+    grain = blur(torch.randn(y.shape, generator=gen, device=y.device), gaussian_kernels(torch.full((n,), width), 7))
+    return (y + s * grain / grain.std((2, 3), keepdim=True)).clamp(0, 1)
 
 
 # --- deraining: rain streaks are a line kernel stamped at random seed points ------------------------------
@@ -445,8 +479,8 @@ def shake_blur(y, gen=None):
 # NOTE(simplification): every task works in [0, 1]; the official code uses [-1, 1] for deraining and
 # deblurring (official code: data/dataset.py). Rain and blur draw their strengths from fixed ranges.
 TASKS = {
-    "denoise": {"synthetic": add_awgn, "params": ("sigma_max",), "real": {"white": white_noise, "camera": camera_noise},
-                "sigma_max": {"white": 15.0, "camera": 75.0}},
+    "denoise": {"synthetic": add_awgn, "params": ("sigma_max",), "real": {"white": white_noise, "camera": camera_noise,
+                "correlated": correlated_noise}, "sigma_max": {"white": 15.0, "camera": 75.0, "correlated": 15.0}},
     "derain": {"synthetic": simple_rain, "params": (), "real": {"layered": layered_rain}},
     "deblur": {"synthetic": simple_blur, "params": (), "real": {"shake": shake_blur}},
 }
@@ -474,9 +508,10 @@ class Data:
         return Data(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
 
 
-def make_data(cfg, device="cpu", clean=dead_leaves):
-    """Deterministic built-in data from cfg.seed: four disjoint sets of clean images, made by clean(n, size, gen)."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+def make_data(cfg, device="cpu", clean=None):
+    """Deterministic built-in data from cfg.seed: four disjoint sets of clean images, made by clean(n, size, gen)
+    (default: WORLDS[cfg.world])."""
+    gen, clean = torch.Generator().manual_seed(cfg.seed), clean or WORLDS[cfg.world]
     real_fn = TASKS[cfg.task]["real"][cfg.real_noise]
     sizes = [cfg.n_syn, cfg.n_real, cfg.n_test, cfg.n_test]
     syn_clean, real_clean, test_syn_clean, test_real_clean = clean(sum(sizes), cfg.image_size, gen).split(sizes)
@@ -970,7 +1005,7 @@ def init_state(cfg, device, fast=True, G=None):
         if G is not None:
             raise ValueError(f"start={cfg.start!r} loads RestorerUNet weights, so it cannot start a custom G; "
                              "pass start='scratch' with G=")
-        load_start(G_default, start_path(cfg.sigma_max) if cfg.start == "shipped" else cfg.start)
+        load_start(G_default, start_path(cfg.world, cfg.sigma_max) if cfg.start == "shipped" else cfg.start)
     G, D = (G_default if G is None else G).to(device), D.to(device)
     switches, _ = fast_path(device)
     if fast and switches["channels_last"]:                                          # faster convs on tensor cores
@@ -1116,7 +1151,7 @@ class DivergenceGuard:
 def setup_line(cfg, data, custom_G=False):
     """One log line: the synthetic degradation, G's start, and (denoising) an estimate of the real training images'
     noise beside the synthetic range, so a user sees whether the range covers the real noise."""
-    start = ("a custom G" if custom_G else f"the shipped data/{STARTS[cfg.sigma_max]}" if cfg.start == "shipped"
+    start = ("a custom G" if custom_G else f"the shipped data/{STARTS[cfg.world, cfg.sigma_max]}" if cfg.start == "shipped"
              else cfg.start)
     if cfg.task != "denoise":
         return f"[{cfg.method}] synthetic: {cfg.task} (TASKS); G starts from {start}"
@@ -1422,11 +1457,11 @@ def demo(cfg, out="runs/demo", log=print):
     machine = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     log(f"device {device} ({', '.join(f'{k} {v}' for k, v in machine.items())}); generating built-in data "
-        f"({cfg.task}, real-like domain: {cfg.real_noise}) ...")
+        f"({cfg.task}, clean world: {cfg.world}, real-like domain: {cfg.real_noise}) ...")
     data = make_data(cfg, device)
     results = {"config": dataclasses.asdict(cfg), "device": str(device), "machine": machine,
                "identity": identity_metrics(data)}
-    log(f"start: {cfg.start}" + (f" ({start_path(cfg.sigma_max)})" if cfg.start == "shipped" else ""))
+    log(f"start: {cfg.start}" + (f" ({start_path(cfg.world, cfg.sigma_max)})" if cfg.start == "shipped" else ""))
     results["start"] = {"start": cfg.start, **evaluate_pools(init_state(cfg, device).G_eval, data)}
     models = {}
     for method in ("vanilla", "da", "oracle"):

@@ -450,6 +450,24 @@ def hf_ratio(x, clean):
     return (((x - box5(x)) ** 2).mean() / ((clean - box5(clean)) ** 2).mean()).item()
 
 
+def band_errors(restored, noisy, clean, levels=3):
+    """Where the error of restored images sits, scale by scale: the energy of restored - clean in each octave band
+    (a Haar-like pyramid: 1-2 px, 2-4 px, 4-8 px, ..., then the rest) over the energy of the input's noise,
+    noisy - clean, in the same band. 1: as bad as the input there; 0: clean; above 1: detail lost or artefacts.
+    Unlike hf_ratio (the 1-2 px band of the output alone), it sees correlated residual noise at coarser scales
+    and tells residual noise (error where the input had noise) from smoothing. (B, C, H, W) -> list of floats."""
+    def bands(x):
+        out = []
+        for _ in range(levels):
+            low = F.avg_pool2d(x, 2)                                                # (B, C, H/2, W/2)
+            out.append(x - F.interpolate(low, scale_factor=2, mode="nearest"))      # the octave lost by pooling
+            x = low
+        return out + [x]
+    h, w = (restored.shape[-2] >> levels) << levels, (restored.shape[-1] >> levels) << levels   # whole octaves
+    err, noise = bands((restored - clean)[..., :h, :w]), bands((noisy - clean)[..., :h, :w])
+    return [float((e ** 2).mean() / (n ** 2).mean().clamp(min=1e-12)) for e, n in zip(err, noise)]
+
+
 def shrink_hf(x, lam):
     """The training-free shrinkage test: damp the high frequencies of x by a factor (1 - lam). If this
     raises the PSNR of a restorer's real outputs, they carry high-frequency residue that a smoothing push
@@ -694,8 +712,9 @@ def defocus(x, sigma):
     return dm.blur(x, dm.gaussian_kernels(torch.full((x.shape[0],), sigma), int(2 * math.ceil(3 * sigma) + 1)))
 
 
-# name -> clean(n, size, gen): the current world and variants that change one property at a time
-WORLDS = {
+# name -> clean(n, size, gen): the sharp dead leaves, variants that change one property at a time, and the world the
+# selection rule of docs/effect.md chose (dada_min.natural_leaves, world=natural)
+CLEAN_VARIANTS = {
     "dead leaves (current)": lambda n, s, g: dm.dead_leaves(n, s, g),
     "60 discs, radius 6, defocus 1.5": lambda n, s, g: defocus(dm.dead_leaves(n, s, g, n_discs=60, min_radius=6.0),
                                                                 1.5),
@@ -703,15 +722,16 @@ WORLDS = {
     "min radius 6 px": lambda n, s, g: dm.dead_leaves(n, s, g, min_radius=6.0),
     "2x canvas, crop": lambda n, s, g: dm.dead_leaves(n, 2 * s, g)[..., s // 2:s // 2 + s, s // 2:s // 2 + s],
     "60 discs": lambda n, s, g: dm.dead_leaves(n, s, g, n_discs=60),
+    "natural (contrast 0.44, texture 0.04)": lambda n, s, g: dm.natural_leaves(n, s, g),
 }
 
 
 @experiment(size=dict(image_size=48, patch_size=32), quick=dict())
 def exp_worlds(cfg, out, quick, log=print, photos=None):
-    """Statistics of each built-in clean world (WORLDS) and, with --photos DIR, of 48 px tiles of photographs."""
+    """Statistics of each built-in clean world (CLEAN_VARIANTS) and, with --photos DIR, of 48 px tiles of photographs."""
     t0, c0, _ = begin(cfg, out)
     n = 32 if quick else 256
-    pools = {name: fn(n, cfg.image_size, torch.Generator().manual_seed(cfg.seed)) for name, fn in WORLDS.items()}
+    pools = {name: fn(n, cfg.image_size, torch.Generator().manual_seed(cfg.seed)) for name, fn in CLEAN_VARIANTS.items()}
     if photos:
         import folders
         pools[f"photographs ({os.path.basename(os.path.normpath(photos))})"] = folders.folder_tiles(
@@ -754,17 +774,17 @@ def world_claims(worlds):
 
 @experiment(size=dict(steps=400, eval_every=0, log_every=200), quick=dict(steps=4, eval_every=0, log_every=4))
 def exp_world_effect(cfg, out, quick, log=print):
-    """The property runs of docs/effect.md: per clean world (WORLDS, in order), vanilla, DA and the oracle from the
+    """The property runs of docs/effect.md: per clean world (CLEAN_VARIANTS, in order), vanilla, DA and the oracle from the
     same start on that world's data (real-like domain cfg.real_noise), seeds cfg.seed.. (3; 1 with --quick).
     Reports DA - vanilla and the gap closed on real-like PSNR beside the world's clean statistics; the JSON is
     rewritten after each world, so an interrupted run keeps the worlds it finished."""
     t0, c0, device = begin(cfg, out)
     seeds = exp_seeds(cfg, quick)
     results = {"experiment": "world_effect", "config": dataclasses.asdict(cfg), "seeds": seeds, "worlds": {}}
-    for name, clean in list(WORLDS.items())[:2 if quick else None]:
+    for name, clean in list(CLEAN_VARIANTS.items())[:2 if quick else None]:
         runs = {m: [] for m in ("vanilla", "da", "oracle")}
         for seed in seeds:
-            c = dataclasses.replace(cfg, seed=seed)
+            c = dataclasses.replace(cfg, seed=seed, world="dead-leaves")   # every variant from the dead-leaves start
             data = dm.make_data(c, device, clean=clean)
             for m in runs:
                 state = dm.train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
@@ -791,19 +811,160 @@ def exp_world_effect(cfg, out, quick, log=print):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The regime map: when does the noise-space loss help, idle or destroy? (docs/effect.md, pre-registered)
+# ----------------------------------------------------------------------------------------------------------
+REGIME_DB = 0.3                 # |mean DA - vanilla| below this: idles; above: helps or destroys
+
+
+def regime(gain_db):
+    return "helps" if gain_db > REGIME_DB else "destroys" if gain_db < -REGIME_DB else "idles"
+
+
+def map_metrics(G, data):
+    """A cell's per-run numbers: test PSNR/SSIM, the HF ratio and the octave-band errors of the real-like outputs."""
+    y = dm.restore(G.eval(), data.test_real_noisy)
+    return {**dm.evaluate_pools(G, data), "real_hf": hf_ratio(y, data.test_real_clean),
+            "real_bands": band_errors(y, data.test_real_noisy, data.test_real_clean)}
+
+
+def map_cell(runs, identity):
+    """Per-seed runs {method: [metrics]} of one (world, domain) cell -> its summary row."""
+    van, da, ora = runs["vanilla"], runs["da"], runs["oracle"]
+    gain = summarize(da, van)["real_gain_db"]
+    return {"identity_real_psnr": mean_std(identity), **{m: summarize(r) for m, r in runs.items()},
+            "hf": {m: mean_std([x["real_hf"] for x in r]) for m, r in runs.items()},
+            "bands": {m: [float(np.mean(b)) for b in zip(*[x["real_bands"] for x in r])] for m, r in runs.items()},
+            "da_gain_real_db": gain, "regime": regime(gain["mean"]),
+            "gap_closed": mean_std([g / (o["real_psnr"] - v["real_psnr"]) for g, o, v in zip(gain["values"], ora, van)]),
+            "da_syn_change_db": mean_std([d["syn_psnr"] - v["syn_psnr"] for d, v in zip(da, van)]),
+            "vanilla_share": mean_std([(v["real_psnr"] - i) / (o["real_psnr"] - i) for v, o, i in zip(van, ora, identity)])}
+
+
+def regime_claims(cells):
+    """The pre-registered hypotheses M1-M5 of docs/effect.md, judged on the cells measured."""
+    c = lambda w, d: cells.get(f"{w} | {d}")                                       # noqa: E731
+    gain = lambda w, d: c(w, d)["da_gain_real_db"]["mean"]                         # noqa: E731
+    out = {}
+    if c("natural", "white"):
+        nw = c("natural", "white")
+        out["M1: natural x white helps, closes >= 40% of the gap, syn within 0.5 dB"] = bool(
+            nw["regime"] == "helps" and nw["gap_closed"]["mean"] >= 0.4 and nw["da_syn_change_db"]["mean"] >= -0.5)
+    if c("dead-leaves", "white"):
+        out["M2: dead-leaves x white destroys"] = c("dead-leaves", "white")["regime"] == "destroys"
+    cams = [c(w, "camera") for w in ("natural", "dead-leaves") if c(w, "camera")]
+    if cams:
+        out["M3: camera idles or destroys on both worlds"] = all(x["regime"] != "helps" for x in cams)
+    if c("natural", "correlated"):
+        nc = c("natural", "correlated")
+        out["M4: correlated: vanilla < half the oracle's gain, 2-4 px error > 0.5, natural helps"] = bool(
+            nc["vanilla_share"]["mean"] < 0.5 and nc["bands"]["vanilla"][1] > 0.5 and nc["regime"] == "helps")
+    pairs = [d for d in dm.TASKS["denoise"]["real"] if c("natural", d) and c("dead-leaves", d)]
+    if pairs:
+        out["M5: natural gains more than dead-leaves on every domain"] = all(
+            gain("natural", d) > gain("dead-leaves", d) for d in pairs)
+    return out
+
+
+def regime_table(results):
+    """The map as a markdown table (the README's), one row per (world, domain) cell."""
+    lines = ["| world | domain | input | vanilla | DA | oracle | DA − vanilla | regime | gap closed | DA syn change "
+             "| vanilla's share of the oracle's gain | HF ratio v / DA / o | band errors 1-2 / 2-4 / 4-8 px, vanilla → DA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results["cells"].items():
+        world, domain = key.split(" | ")
+        b = lambda m: " / ".join(f"{v:.2f}" for v in r["bands"][m][:3])         # noqa: E731
+        lines.append(f"| {world} | {domain} | {r['identity_real_psnr']['mean']:.2f} | {fmt(r['vanilla']['real_psnr'])} "
+                     f"| {fmt(r['da']['real_psnr'])} | {fmt(r['oracle']['real_psnr'])} | {fmt(r['da_gain_real_db'])} "
+                     f"| **{r['regime']}** | {fmt(r['gap_closed'])} | {fmt(r['da_syn_change_db'])} "
+                     f"| {fmt(r['vanilla_share'])} | " + " / ".join(f"{r['hf'][m]['mean']:.2f}" for m in r["hf"])
+                     + f" | {b('vanilla')} → {b('da')} |")
+    return "\n".join(lines)
+
+
+def regime_figure(path, results):
+    """DA - vanilla per cell, worlds as rows and domains as columns, each labelled with its regime."""
+    worlds = list(dict.fromkeys(k.split(" | ")[0] for k in results["cells"]))
+    domains = list(dict.fromkeys(k.split(" | ")[1] for k in results["cells"]))
+    grid = np.full((len(worlds), len(domains)), np.nan)
+    for key, r in results["cells"].items():
+        w, d = key.split(" | ")
+        grid[worlds.index(w), domains.index(d)] = r["da_gain_real_db"]["mean"]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1.9 * len(domains) + 1.5, 1.1 * len(worlds) + 1))
+    lim = max(1.0, float(np.nanmax(np.abs(grid))))
+    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim)
+    for key, r in results["cells"].items():
+        w, d = key.split(" | ")
+        ax.text(domains.index(d), worlds.index(w), f"{r['regime']}\n{fmt(r['da_gain_real_db'])} dB", ha="center",
+                va="center", fontsize=8)
+    ax.set_xticks(range(len(domains)), domains), ax.set_yticks(range(len(worlds)), worlds)
+    ax.set_title("DA - vanilla, real-like PSNR (mean ± std over seeds)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="dB")
+    save_figure(fig, path)
+
+
+@experiment(size=dict(steps=400, eval_every=0, log_every=200), quick=dict(steps=4, eval_every=0, log_every=4))
+def exp_regime_map(cfg, out, quick, log=print, worlds=("natural", "dead-leaves"), domains=None):
+    """The regime map of docs/effect.md: per clean world and built-in denoising domain, vanilla, DA and the oracle
+    from the shipped start of that world and the domain's synthetic range, seeds cfg.seed.. (3; 1 with --quick),
+    each cell judged helps / idles / destroys (REGIME_DB), with the HF ratio, the octave-band errors and vanilla's
+    share of the oracle's gain. Writes out/regime_map.json after every cell (a rerun with the same settings skips
+    the cells it holds), out/regime_map.md (the table) and out/regime_map.png."""
+    t0, c0, device = begin(cfg, out)
+    seeds, path = exp_seeds(cfg, quick), os.path.join(out, "regime_map.json")
+    results = {"experiment": "regime_map", "config": dataclasses.asdict(cfg), "seeds": seeds, "cells": {}}
+    if os.path.isfile(path):
+        old = json.load(open(path))
+        if (old.get("config"), old.get("seeds")) == (json.loads(json.dumps(results["config"])), seeds):
+            results["cells"] = old["cells"]
+            log(f"[regime_map] {len(old['cells'])} cell(s) kept from {path}")
+    for world in worlds:
+        for domain in domains or dm.TASKS["denoise"]["real"]:
+            key = f"{world} | {domain}"
+            if key in results["cells"]:
+                continue
+            runs, identity = {m: [] for m in ("vanilla", "da", "oracle")}, []
+            for seed in seeds:
+                c = dataclasses.replace(cfg, seed=seed, world=world, real_noise=domain, sigma_max=None,
+                                        start="auto").validate()
+                if not quick and not os.path.isfile(dm.start_path(world, c.sigma_max)):
+                    raise FileNotFoundError(f"no shipped start for world {world}, sigma_max {c.sigma_max:g} at "
+                                            f"{dm.start_path(world, c.sigma_max)}: run `python experiments.py "
+                                            f"--make-start --world {world}`")
+                data = dm.make_data(c, device)
+                identity.append(dm.identity_metrics(data)["real_psnr"])
+                for m in runs:
+                    state = dm.train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
+                    runs[m].append(map_metrics(state.G_eval, data))
+            results["cells"][key] = cell = map_cell(runs, identity)
+            log(f"[regime_map] {key}: DA - vanilla {fmt(cell['da_gain_real_db'])} dB ({cell['regime']}), gap closed "
+                f"{fmt(cell['gap_closed'])}, synthetic change {fmt(cell['da_syn_change_db'])} dB  "
+                f"({time.time() - t0:.0f} s)")
+            results["claims"] = regime_claims(results["cells"])
+            dm.atomic_write_text(path, json.dumps(results, indent=1))
+    table = regime_table(results)
+    dm.atomic_write_text(os.path.join(out, "regime_map.md"), table + "\n")
+    regime_figure(os.path.join(out, "regime_map.png"), results)
+    log("\n" + table + "\n")
+    for claim, ok in results["claims"].items():
+        log(f"  {'holds ' if ok else 'FAILS '} {claim}")
+    return finish("regime_map", out, results, t0, c0, log)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The shipped starts: the converged synthetic-only restorers every cpu-demo run continues from
 # ----------------------------------------------------------------------------------------------------------
-# `python experiments.py --make-start` retrains data/start-awgn{15,75}.pt with exactly these settings
-# (--sigma_max S: only that one); dada_min.STARTS names the files and dada_min.load_start reads them.
+# `python experiments.py --make-start` retrains the data/start-*.pt files with exactly these settings (--world W,
+# --sigma_max S: only those); dada_min.STARTS names the files and dada_min.load_start reads them.
 START = dict(method="vanilla", task="denoise", start="scratch", seed=0, steps=6000, eval_every=1000,
              log_every=1000)
 
 
-def start_config(sigma_max):
-    """The config of the shipped start for this synthetic range; its real-like domain (only evaluated,
-    never trained on) is the one TASKS pairs with that range."""
+def start_config(world, sigma_max):
+    """The config of the shipped start for this clean world and synthetic range; its real-like domain (only
+    evaluated, never trained on) is the first one TASKS pairs with that range."""
     domain = next(d for d, s in dm.TASKS["denoise"]["sigma_max"].items() if s == sigma_max)
-    return dm.make_config("cpu-demo", sigma_max=sigma_max, real_noise=domain, **START)
+    return dm.make_config("cpu-demo", world=world, sigma_max=sigma_max, real_noise=domain, **START)
 
 
 def save_start(path, state):
@@ -814,11 +975,11 @@ def save_start(path, state):
     dm.write_checkpoint(path, state, restorer=weights, restorer_ema=weights)
 
 
-def make_start(sigma_max, path=None, log=print, **overrides):
-    """Train the shipped start for one synthetic range (vanilla, start_config; overrides: for the tests)
-    and save it (default: where dada_min looks for it). About 3 minutes each on 2 CPU cores."""
-    path = path or dm.start_path(sigma_max)
-    state = dm.train(dataclasses.replace(start_config(sigma_max), **overrides).validate(), log=log)
+def make_start(world, sigma_max, path=None, log=print, **overrides):
+    """Train the shipped start for one clean world and synthetic range (vanilla, start_config; overrides: for
+    the tests) and save it (default: where dada_min looks for it). About 4.5 minutes each on 2 CPU cores."""
+    path = path or dm.start_path(world, sigma_max)
+    state = dm.train(dataclasses.replace(start_config(world, sigma_max), **overrides).validate(), log=log)
     save_start(path, state)
     log(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
     return state
@@ -1048,10 +1209,12 @@ def main(argv=None):
     parser = build_parser()
     args = dm.parse_args(parser, argv)
     if args.make_start:                               # its configs are fixed (start_config), not the flags'
-        for sigma_max in ([args.cfg_sigma_max] if args.cfg_sigma_max is not None else dm.STARTS):
-            if sigma_max not in dm.STARTS:
-                parser.error(f"--sigma_max {sigma_max:g} has no shipped start; choose one of {sorted(dm.STARTS)}")
-            make_start(sigma_max)
+        keys = [(w, s) for w, s in dm.STARTS if args.cfg_world in (None, w) and args.cfg_sigma_max in (None, s)]
+        if not keys:
+            parser.error(f"--world {args.cfg_world} --sigma_max {args.cfg_sigma_max} has no shipped start; the "
+                         f"starts are (world, sigma_max) in {sorted(dm.STARTS)}")
+        for world, sigma_max in keys:
+            make_start(world, sigma_max)
         return 0
     if args.check_official:
         try:

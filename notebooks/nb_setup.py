@@ -8,6 +8,9 @@ Each notebook's first code cell imports what it uses from here and calls setup()
 
 Modes: DADA_QUICK=1 (what the tests run): the tiny preset and a handful of steps, seconds on a CPU. Otherwise
 the gpu preset on CUDA and the cpu-demo preset elsewhere. DADA_RUNS moves the run cache (default runs/notebooks).
+
+`python notebooks/nb_setup.py --render [NAME ...]` runs the notebooks in full mode (fresh runs, nothing loaded from
+the cache) and writes executed copies with their outputs to docs/notebooks/, printing each one's wall time.
 """
 import dataclasses
 import hashlib
@@ -62,7 +65,8 @@ def setup(notebook, start=False, **overrides):
     cfg = dm.make_config(PRESET, device=device.type, precision="auto", seed=SEED, **overrides,
                          **(dict(steps=8, eval_every=4, log_every=4) if QUICK else {}))
     amp_dtype, _ = dm.pick_precision(cfg.precision, device)
-    print(f"device: {device} | preset: {PRESET} | quick mode: {QUICK} | autocast: {amp_dtype} | runs under: {RUNS}")
+    runs = RUNS.relative_to(ROOT) if RUNS.is_relative_to(ROOT) else RUNS
+    print(f"device: {device} | preset: {PRESET} | quick mode: {QUICK} | autocast: {amp_dtype} | runs under: {runs}")
     if start:
         print(f"real-like domain: {cfg.real_noise} | synthetic AWGN: sigma <= {cfg.sigma_max:g} | "
               f"G starts from: {cfg.start}")
@@ -94,3 +98,83 @@ def show(images, titles=None, size=2.6, cols=None):
                 ax.set_title(titles[i], fontsize=9)
     fig.tight_layout()
     plt.show()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Executed copies for reading before running (docs/notebooks/)
+# ----------------------------------------------------------------------------------------------------------
+def shrink_images(nb, max_width=720):
+    """Downscale every PNG output wider than max_width px, so an executed copy stays small enough to browse."""
+    import base64
+    import io
+    from PIL import Image
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            png = out.get("data", {}).get("image/png")
+            if png is None:
+                continue
+            img = Image.open(io.BytesIO(base64.b64decode(png)))
+            if img.width > max_width:
+                img = img.resize((max_width, round(img.height * max_width / img.width)), Image.LANCZOS)
+                buf = io.BytesIO()
+                img.save(buf, format="PNG", optimize=True)
+                out["data"]["image/png"] = base64.b64encode(buf.getvalue()).decode()
+                out.get("metadata", {}).pop("image/png", None)                  # its old size no longer holds
+    return nb
+
+
+def render(names=None, out=None, quick=False, log=print):
+    """Execute the walkthrough notebooks top to bottom in full mode (quick=True: quick mode, for the tests), each
+    with a fresh run cache (so the time includes all training), and write the executed copies to `out` (default
+    docs/notebooks/). Returns
+    {name: wall seconds}; each copy records its time, device and torch version in its metadata["dada_min"]."""
+    import shutil
+    import tempfile
+    import time
+    import nbclient
+    import nbformat
+    out = pathlib.Path(out or ROOT / "docs" / "notebooks")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = sorted((ROOT / "notebooks").glob("0*.ipynb"))
+    if names:
+        unknown = set(names) - {p.stem for p in paths}
+        if unknown:
+            raise SystemExit(f"unknown notebook(s) {sorted(unknown)}; choose from {[p.stem for p in paths]}")
+        paths = [p for p in paths if p.stem in names]
+    times = {}
+    for path in paths:
+        runs = pathlib.Path(tempfile.mkdtemp(prefix="render-", dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None))
+        env = {"DADA_RUNS": str(runs), "DADA_QUICK": "1" if quick else "0"}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)                                                  # the kernel inherits them
+        log(f"[render] {path.stem}: executing in full mode ...")
+        nb = nbformat.read(path, as_version=4)
+        t0 = time.time()
+        try:
+            nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3", record_timing=False,
+                                    resources={"metadata": {"path": str(path.parent)}}).execute()
+        finally:
+            for k, v in old.items():                                            # restore the caller's environment
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            shutil.rmtree(runs, ignore_errors=True)
+        times[path.stem] = time.time() - t0
+        nb.metadata["dada_min"] = {"wall_seconds": round(times[path.stem], 1), "quick": quick, "device": str(device),
+                                   "threads": torch.get_num_threads(), "torch": torch.__version__}
+        nbformat.write(shrink_images(nb), out / path.name)
+        log(f"[render] {path.stem}: {times[path.stem] / 60:.1f} min wall on {device} -> {out / path.name} "
+            f"({(out / path.name).stat().st_size / 1e3:.0f} kB)")
+    return times
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(prog="python notebooks/nb_setup.py",
+                                description="Write executed copies of the walkthrough notebooks (full mode).")
+    p.add_argument("--render", nargs="*", metavar="NAME", required=True,
+                   help="notebooks to run (default: all five), e.g. 03_denoising_as_adaptation")
+    p.add_argument("--out", default=None, help="folder of the executed copies (default: docs/notebooks)")
+    args = p.parse_args()
+    render(args.render or None, args.out)

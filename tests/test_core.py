@@ -646,14 +646,15 @@ def test_only_syn_sends_no_diffusion_gradient_to_real_outputs(tiny_data):
     assert dm.mechanism_diagnostic(state_real, xs, ys, xr, yr) != 0.0
 
 
-@pytest.mark.parametrize("sigma_max", sorted(dm.STARTS))
-def test_shipped_start_loads_and_denoises(sigma_max):
+@pytest.mark.parametrize("world, sigma_max", sorted(dm.STARTS))
+def test_shipped_start_loads_and_denoises(world, sigma_max):
     """The committed start loads into the cpu-demo restorer, is small, and is a converged denoiser (far above
-    the noisy input on synthetic test data). tests/test_experiments.py checks how it was made."""
-    blob = dm.read_checkpoint(dm.start_path(sigma_max))
-    assert blob["config"]["sigma_max"] == sigma_max and blob["config"]["method"] == "vanilla"
-    assert os.path.getsize(dm.start_path(sigma_max)) < 2e6
-    cfg = dm.make_config(sigma_max=sigma_max, real_noise={15.0: "white", 75.0: "camera"}[sigma_max],
+    the noisy input on synthetic test data of its world). tests/test_experiments.py checks how it was made."""
+    blob = dm.read_checkpoint(dm.start_path(world, sigma_max))
+    assert (blob["config"]["world"], blob["config"]["sigma_max"], blob["config"]["method"]) == (world, sigma_max,
+                                                                                                  "vanilla")
+    assert os.path.getsize(dm.start_path(world, sigma_max)) < 2e6
+    cfg = dm.make_config(world=world, sigma_max=sigma_max, real_noise={15.0: "white", 75.0: "camera"}[sigma_max],
                          n_syn=1, n_real=1, n_test=32)
     assert cfg.start == "shipped"
     G0 = dm.init_state(cfg, torch.device("cpu")).G_ema
@@ -765,3 +766,30 @@ def test_identity_metrics_score_the_inputs(tiny_data):
     assert set(m) == {"syn_psnr", "syn_ssim", "real_psnr", "real_ssim"}
     assert m["real_psnr"] == dm.psnr(tiny_data.test_real_noisy, tiny_data.test_real_clean).mean().item()
     assert m["syn_ssim"] == dm.ssim(tiny_data.test_syn_noisy.clamp(0, 1), tiny_data.test_syn_clean).mean().item()
+
+
+# --- the clean worlds and the correlated domain ---------------------------------------------------------------
+def test_worlds_are_deterministic_in_range_and_the_config_picks_one():
+    for name, clean in dm.WORLDS.items():
+        x = clean(4, 32, torch.Generator().manual_seed(0))
+        assert x.shape == (4, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+        torch.testing.assert_close(clean(4, 32, torch.Generator().manual_seed(0)), x)
+    sharp, natural = (dm.WORLDS[w](16, 48, torch.Generator().manual_seed(0)) for w in ("dead-leaves", "natural"))
+    assert natural.std() < sharp.std()                                    # natural local contrast: below the sharp one
+    data = dm.make_data(dm.make_config("tiny", world="dead-leaves"))
+    torch.testing.assert_close(data.syn_clean, dm.dead_leaves(80, 32, torch.Generator().manual_seed(0))[:32])
+    assert dm.make_config().world == "natural"
+    with pytest.raises(ValueError, match="world='mars' is not one of"):
+        dm.make_config(world="mars")
+
+
+def test_correlated_noise_sits_inside_the_synthetic_range_and_is_correlated():
+    y = torch.full((16, 3, 48, 48), 0.5)
+    x = dm.TASKS["denoise"]["real"]["correlated"](y, torch.Generator().manual_seed(0))
+    n = x - y
+    sigma = n.std((1, 2, 3)) * 255
+    assert 4 < sigma.min() and sigma.max() < 16                           # per image in U[5, 15]/255
+    corr = (n[..., 1:] * n[..., :-1]).mean() / (n ** 2).mean()             # neighbour correlation
+    assert corr > 0.5                                                      # white noise: ~0
+    cfg = dm.make_config(real_noise="correlated")
+    assert cfg.sigma_max == 15.0 and cfg.start == "shipped"

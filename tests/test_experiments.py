@@ -155,22 +155,22 @@ def test_effect_experiment_quick(tmp_path):
 
 
 # --- the shipped starts -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("sigma_max", sorted(dm.STARTS))
-def test_shipped_start_is_what_make_start_writes(sigma_max):
+@pytest.mark.parametrize("world, sigma_max", sorted(dm.STARTS))
+def test_shipped_start_is_what_make_start_writes(world, sigma_max):
     """The committed start's config is start_config's (fields added to Config later hold their defaults, as
     loading reads them)."""
-    blob = dm.read_checkpoint(dm.start_path(sigma_max))
-    want = json.loads(json.dumps(dataclasses.asdict(experiments.start_config(sigma_max))))
+    blob = dm.read_checkpoint(dm.start_path(world, sigma_max))
+    want = json.loads(json.dumps(dataclasses.asdict(experiments.start_config(world, sigma_max))))
     newer = set(want) - set(blob["config"])
     assert blob["config"] == {k: v for k, v in want.items() if k not in newer}
     assert all(want[k] == getattr(dm.Config, k) for k in newer)
-    assert dm.config_from_dict(blob["config"]) == experiments.start_config(sigma_max)
+    assert dm.config_from_dict(blob["config"]) == experiments.start_config(world, sigma_max)
 
 
 def test_make_start_writes_a_slim_loadable_start(tmp_path, capsys):
     path = str(tmp_path / "start.pt")
     small = dict(n_syn=8, n_real=8, n_test=4, steps=2, eval_every=0, log_every=2)
-    state = experiments.make_start(15.0, path, log=lambda s: None, **small)
+    state = experiments.make_start("natural", 15.0, path, log=lambda s: None, **small)
     blob = dm.read_checkpoint(path)
     assert "denoiser" not in blob and "optimizer" not in blob and blob["step"] == 2
     G, cfg = dm.load_restorer(path)
@@ -181,6 +181,9 @@ def test_make_start_writes_a_slim_loadable_start(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         experiments.main(["--make-start", "--sigma_max", "20"])
     assert e.value.code == 2 and "no shipped start" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["--make-start", "--world", "mars"])
+    assert e.value.code == 2 and "--world mars" in capsys.readouterr().err
 
 
 def test_high_frequency_tools():
@@ -293,15 +296,15 @@ def test_worlds_quick_compares_with_a_photo_folder(tmp_path):
     out = str(tmp_path / "w")
     assert experiments.main(["worlds", "--quick", "--out", out, "--photos", str(photos)]) == 0
     r = json.load(open(os.path.join(out, "worlds.json")))
-    assert set(experiments.WORLDS) < set(r["stats"]) and "photographs (photos)" in r["stats"]
+    assert set(experiments.CLEAN_VARIANTS) < set(r["stats"]) and "photographs (photos)" in r["stats"]
     assert r["crop"] == 16 and os.path.getsize(os.path.join(out, "worlds.png")) > 1000
-    data = dm.make_data(dm.make_config("tiny"), clean=experiments.WORLDS["defocus 1.5 px"])   # a world as data
+    data = dm.make_data(dm.make_config("tiny"), clean=experiments.CLEAN_VARIANTS["defocus 1.5 px"])   # a world as data
     assert data.syn_clean.shape == (32, 3, 32, 32)
 
 
 def test_world_effect_quick(tmp_path):
     out, res = run_quick("world_effect", tmp_path)
-    assert list(res["worlds"]) == list(experiments.WORLDS)[:2]
+    assert list(res["worlds"]) == list(experiments.CLEAN_VARIANTS)[:2]
     for w in res["worlds"].values():
         assert set(w) >= {"clean_stats", "vanilla", "da", "oracle", "da_gain_real_db", "gap_closed"}
         check_metrics(w["da"])
@@ -313,3 +316,62 @@ def test_world_effect_quick(tmp_path):
     assert all(experiments.world_claims(fake).values())                       # the claims can hold ...
     fake["defocus 1.5 px"]["da_gain_real_db"]["mean"] = -3.0                   # ... and fail
     assert not experiments.world_claims(fake)["H1: every world with hf <= 2x photographs' gains (mean > 0)"]
+
+
+# --- the selected world, the octave-band errors and the regime map -------------------------------------------------
+def test_natural_world_passes_the_selection_rule_and_is_its_choice():
+    """docs/effect.md's rule: hf in [0.0005, 0.0025], edges <= 0.105, slope within 0.3 of -2.70."""
+    st = experiments.clean_stats(dm.natural_leaves(256, 48, torch.Generator().manual_seed(0)), 32)
+    assert 0.0005 <= st["hf"] <= 0.0025 and st["edges"] <= 0.084 * 1.25 and abs(st["slope"] + 2.70) <= 0.3
+    assert st["hf"] == pytest.approx(0.00249, abs=2e-5) and st["slope"] == pytest.approx(-2.71, abs=0.01)
+    sharp = experiments.clean_stats(dm.dead_leaves(256, 48, torch.Generator().manual_seed(0)), 32)
+    assert sharp["hf"] > 0.0025                                                 # the old world fails the rule
+
+
+def test_band_errors_see_each_scale():
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.rand(4, 3, 32, 32, generator=gen)
+    noise = 0.1 * torch.randn(clean.shape, generator=gen)
+    assert experiments.band_errors(clean + noise, clean + noise, clean) == pytest.approx([1.0] * 4)
+    assert experiments.band_errors(clean, clean + noise, clean) == pytest.approx([0.0] * 4)
+    smooth = clean + experiments.box5(noise)                                     # a low-pass: coarse noise stays
+    b = experiments.band_errors(smooth, clean + noise, clean)
+    assert b[0] < 0.02 < b[1] < b[2] < b[3] and b[3] > 0.5                      # measured 0.01 / 0.07 / 0.34 / 0.73
+    hf = experiments.hf_ratio(smooth, clean)
+    assert experiments.band_errors(clean[..., :30, :31], clean[..., :30, :31] + noise[..., :30, :31],
+                                   clean[..., :30, :31]) == pytest.approx([0.0] * 4)   # odd sizes: whole octaves
+    assert hf > 0
+
+
+def test_regime_map_quick_writes_the_table_and_keeps_cells(tmp_path):
+    out = str(tmp_path / "map")
+    cfg = dm.make_config("tiny", steps=2, eval_every=0, log_every=2)
+    lines = []
+    res = experiments.exp_regime_map(cfg, out, True, log=lines.append, domains=("white",))
+    assert list(res["cells"]) == ["natural | white", "dead-leaves | white"]
+    for cell in res["cells"].values():
+        assert cell["regime"] == experiments.regime(cell["da_gain_real_db"]["mean"])
+        assert len(cell["bands"]["da"]) == 4 and all(b >= 0 for b in cell["bands"]["vanilla"])
+        check_metrics(cell["oracle"])
+    table = open(os.path.join(out, "regime_map.md")).read()
+    assert table.count("\n| natural |") == 1 and "| dead-leaves | white |" in table
+    assert os.path.getsize(os.path.join(out, "regime_map.png")) > 1000
+    lines.clear()
+    again = experiments.exp_regime_map(cfg, out, True, log=lines.append, domains=("white",))
+    assert "2 cell(s) kept" in lines[0] and again["cells"] == res["cells"]    # a rerun trains nothing
+    assert experiments.regime(0.31) == "helps" and experiments.regime(-0.31) == "destroys"
+    assert experiments.regime(0.2) == "idles"
+
+
+def test_regime_claims_follow_their_rules():
+    def cell(gain, closed=0.5, syn=0.0, share=0.3, band=0.8):
+        return {"da_gain_real_db": {"mean": gain}, "regime": experiments.regime(gain), "gap_closed": {"mean": closed},
+                "da_syn_change_db": {"mean": syn}, "vanilla_share": {"mean": share},
+                "bands": {"vanilla": [0.2, band, 0.9, 1.0]}}
+    cells = {"natural | white": cell(1.0), "dead-leaves | white": cell(-2.0), "natural | camera": cell(0.1),
+             "dead-leaves | camera": cell(-0.5), "natural | correlated": cell(0.5), "dead-leaves | correlated": cell(0.0)}
+    assert all(experiments.regime_claims(cells).values())
+    cells["natural | white"] = cell(1.0, syn=-0.6)                              # syn price too high: M1 fails
+    cells["natural | correlated"] = cell(0.5, band=0.4)                          # fine at 2-4 px: M4 fails
+    claims = experiments.regime_claims(cells)
+    assert [k[:2] for k, ok in claims.items() if not ok] == ["M1", "M4"]

@@ -109,3 +109,51 @@ def test_train_accepts_another_restorer_and_calls_on_eval(tmp_path, tiny_data, o
                      on_eval=lambda st: seen.append("trained again"))
     assert again.step == 2 and seen[-1] == (2, 2)
     torch.testing.assert_close(again.G_ema.conv.weight, state.G_ema.conv.weight)
+
+
+# --- the executed copies in docs/notebooks/ (python notebooks/nb_setup.py --render) ----------------------------
+DOCS_NB = NB_DIR.parent / "docs" / "notebooks"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_executed_copy_is_in_sync_with_its_source(path):
+    """A change to a source notebook's code or text without re-rendering fails here: run
+    `python notebooks/nb_setup.py --render NAME`."""
+    copy = DOCS_NB / path.name
+    assert copy.is_file(), f"{copy} is missing: run python notebooks/nb_setup.py --render {path.stem}"
+    src, done = nbformat.read(path, as_version=4), nbformat.read(copy, as_version=4)
+    assert [(c.cell_type, c.source) for c in src.cells] == [(c.cell_type, c.source) for c in done.cells], \
+        f"{copy.name} is stale: its cells differ from {path}; re-render it"
+    meta = done.metadata["dada_min"]
+    assert meta["quick"] is False and meta["wall_seconds"] > 0
+    for i, cell in enumerate(done.cells):
+        if cell.cell_type == "code":
+            assert cell.execution_count is not None, f"{copy.name} cell {i} was not executed"
+            assert not any(o.output_type == "error" for o in cell.outputs), f"{copy.name} cell {i} failed"
+    assert any("image/png" in o.get("data", {}) for c in done.cells for o in c.get("outputs", []))   # figures
+    assert copy.stat().st_size < 1.5e6
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_header_states_the_measured_full_mode_time(path):
+    """The header's 'Full mode: about N min' is the executed copy's measured wall time, rounded to 0.5 min."""
+    import re
+    header = nbformat.read(path, as_version=4).cells[0].source
+    m = re.search(r"Full mode: about ([0-9.]+) min on a 2-core CPU", header)
+    assert m, f"{path.name}: the header does not state the full-mode time"
+    measured = nbformat.read(DOCS_NB / path.name, as_version=4).metadata["dada_min"]["wall_seconds"] / 60
+    assert abs(float(m.group(1)) - measured) <= 0.26, f"{path.name}: header {m.group(1)} min, measured {measured:.2f}"
+
+
+def test_render_writes_an_executed_copy(tmp_path):
+    pytest.importorskip("nbclient")
+    import sys
+    sys.path.insert(0, str(NB_DIR))
+    import nb_setup
+    times = nb_setup.render(["02_diffusion_basics"], out=tmp_path, quick=True, log=lambda s: None)
+    assert list(times) == ["02_diffusion_basics"] and times["02_diffusion_basics"] > 0
+    nb = nbformat.read(tmp_path / "02_diffusion_basics.ipynb", as_version=4)
+    assert nb.metadata["dada_min"]["quick"] is True
+    assert all(c.execution_count is not None for c in nb.cells if c.cell_type == "code")
+    with pytest.raises(SystemExit, match="unknown notebook"):
+        nb_setup.render(["06_nope"], out=tmp_path)
