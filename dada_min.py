@@ -239,7 +239,7 @@ def make_config(preset="cpu-demo", **overrides):
 # NOTE(simplification): clean images come from a generator (WORLDS) instead of DIV2K/Flickr2K/WED/BSD, the real-like
 # sets from a simulated camera instead of SIDD: no download, and a known real-like ground truth (oracle, diagnostic).
 def dead_leaves(n, size, gen, n_discs=250, min_radius=3.0, device="cpu", chunk=32):
-    """Clean images with natural-image statistics: the dead-leaves model (occluding discs, radii following p(r) ~ r^-3,
+    """Sharp clean images (world=dead-leaves): the dead-leaves model (occluding discs, radii following p(r) ~ r^-3,
     the scale-invariant choice, each with a gentle shading ramp), rendered at 2x and box-downsampled for soft edges.
     `gen` draws on the CPU, so the images are the same on every device. Returns (n, 3, size, size) in [0, 1]."""
     s = 2 * size
@@ -268,8 +268,8 @@ def dead_leaves(n, size, gen, n_discs=250, min_radius=3.0, device="cpu", chunk=3
 
 
 def natural_leaves(n, size, gen, contrast=0.44, texture=0.04, device="cpu"):
-    """Clean images whose statistics at the training crop match photographs' (docs/effect.md, "a world that tells the
-    truth"): dead leaves at natural local contrast (each image pulled towards its mean colour) with a fine 1/f
+    """Clean images whose statistics at the training crop match photographs' (docs/effect.md, "The selected world"):
+    dead leaves at natural local contrast (each image pulled towards its mean colour) with a fine 1/f
     luminance texture, so most of a crop is gently shaded surface and a few edges, as in a 48 px tile of a photograph.
     On 32 px crops: hf 0.0025, edge share 0.056, spectrum slope -2.71 (photographs: 0.0024, 0.084, -2.70; the sharp
     dead leaves: 0.0123, 0.208, -2.77). (n, 3, size, size) in [0, 1]."""

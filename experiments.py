@@ -8,8 +8,9 @@ each. They import dada_min (the method) and never the other way round.
     python experiments.py effect       # when does DA close the vanilla -> oracle gap? (docs/effect.md)
     python experiments.py worlds [--photos DIR]   # statistics of the built-in clean worlds (vs photographs)
     python experiments.py world_effect # vanilla / DA / oracle on each of those worlds, 3 seeds (docs/effect.md)
+    python experiments.py regime_map   # helps / idles / destroys per world and domain, 3 seeds (docs/effect.md)
     python experiments.py NAME --quick # a seconds-long run (what the tests use); --field value as dada_min.py
-    python experiments.py --make-start # retrain the shipped converged starts data/start-awgn*.pt
+    python experiments.py --make-start # retrain the shipped converged starts data/start-*.pt
 
 Each writes runs/NAME/NAME.json and PNG figures (--out DIR elsewhere) and prints a table and its runtime.
 docs/evidence.md reports what they measured.
@@ -454,8 +455,8 @@ def band_errors(restored, noisy, clean, levels=3):
     """Where the error of restored images sits, scale by scale: the energy of restored - clean in each octave band
     (a Haar-like pyramid: 1-2 px, 2-4 px, 4-8 px, ..., then the rest) over the energy of the input's noise,
     noisy - clean, in the same band. 1: as bad as the input there; 0: clean; above 1: detail lost or artefacts.
-    Unlike hf_ratio (the 1-2 px band of the output alone), it sees correlated residual noise at coarser scales
-    and tells residual noise (error where the input had noise) from smoothing. (B, C, H, W) -> list of floats."""
+    Unlike hf_ratio (the 1-2 px band of the output alone), it sees correlated residual noise at coarser scales; inside
+    one band it cannot tell residual noise from lost detail. (B, C, H, W) -> list of floats."""
     def bands(x):
         out = []
         for _ in range(levels):
@@ -466,6 +467,14 @@ def band_errors(restored, noisy, clean, levels=3):
     h, w = (restored.shape[-2] >> levels) << levels, (restored.shape[-1] >> levels) << levels   # whole octaves
     err, noise = bands((restored - clean)[..., :h, :w]), bands((noisy - clean)[..., :h, :w])
     return [float((e ** 2).mean() / (n ** 2).mean().clamp(min=1e-12)) for e, n in zip(err, noise)]
+
+
+def scored(G, data):
+    """A run's test numbers: PSNR/SSIM on both test sets, and for the real-like outputs the HF ratio (sharper or
+    smoother than clean at 1-2 px) and the octave-band errors (where the error sits)."""
+    y = dm.restore(G.eval(), data.test_real_noisy)
+    return {**dm.evaluate_pools(G, data), "real_hf": hf_ratio(y, data.test_real_clean),
+            "real_bands": band_errors(y, data.test_real_noisy, data.test_real_clean)}
 
 
 def shrink_hf(x, lam):
@@ -533,8 +542,7 @@ def run_variant(cfg, data, draws=64, log=lambda s: None):
     """Train one row of the effect table and measure it: test metrics, HF ratio of the real-like outputs,
     the hinge-active fraction over training, the diagnostic over `draws` draws and the per-level RS gap."""
     state = dm.train(cfg, data, log=log)
-    m = dm.evaluate_pools(state.G_eval, data)
-    m["real_hf"] = hf_ratio(dm.restore(state.G_eval.eval(), data.test_real_noisy), data.test_real_clean)
+    m = scored(state.G_eval, data)
     h = state.history
     m["curve"] = {"step": h["eval_step"], "real_psnr": h["real_psnr"], "syn_psnr": h["syn_psnr"],
                   "hinge_active_frac": h["hinge_active_frac"], "neg_pos_gap": h["neg_pos_gap"]}
@@ -820,13 +828,6 @@ def regime(gain_db):
     return "helps" if gain_db > REGIME_DB else "destroys" if gain_db < -REGIME_DB else "idles"
 
 
-def map_metrics(G, data):
-    """A cell's per-run numbers: test PSNR/SSIM, the HF ratio and the octave-band errors of the real-like outputs."""
-    y = dm.restore(G.eval(), data.test_real_noisy)
-    return {**dm.evaluate_pools(G, data), "real_hf": hf_ratio(y, data.test_real_clean),
-            "real_bands": band_errors(y, data.test_real_noisy, data.test_real_clean)}
-
-
 def map_cell(runs, identity):
     """Per-seed runs {method: [metrics]} of one (world, domain) cell -> its summary row."""
     van, da, ora = runs["vanilla"], runs["da"], runs["oracle"]
@@ -895,8 +896,9 @@ def regime_figure(path, results):
     im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim)
     for key, r in results["cells"].items():
         w, d = key.split(" | ")
+        dark = abs(r["da_gain_real_db"]["mean"]) > 0.6 * lim                      # light text on a dark cell
         ax.text(domains.index(d), worlds.index(w), f"{r['regime']}\n{fmt(r['da_gain_real_db'])} dB", ha="center",
-                va="center", fontsize=8)
+                va="center", fontsize=8, color="white" if dark else "black")
     ax.set_xticks(range(len(domains)), domains), ax.set_yticks(range(len(worlds)), worlds)
     ax.set_title("DA - vanilla, real-like PSNR (mean ± std over seeds)", fontsize=9)
     fig.colorbar(im, ax=ax, label="dB")
@@ -935,7 +937,7 @@ def exp_regime_map(cfg, out, quick, log=print, worlds=("natural", "dead-leaves")
                 identity.append(dm.identity_metrics(data)["real_psnr"])
                 for m in runs:
                     state = dm.train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
-                    runs[m].append(map_metrics(state.G_eval, data))
+                    runs[m].append(scored(state.G_eval, data))
             results["cells"][key] = cell = map_cell(runs, identity)
             log(f"[regime_map] {key}: DA - vanilla {fmt(cell['da_gain_real_db'])} dB ({cell['regime']}), gap closed "
                 f"{fmt(cell['gap_closed'])}, synthetic change {fmt(cell['da_syn_change_db'])} dB  "
@@ -1193,7 +1195,7 @@ def build_parser():
     p = dm.config_parser("experiments.py", "The paper's evidence in miniature, one experiment per command.")
     p.add_argument("name", nargs="?", choices=sorted(EXPERIMENTS), help="the experiment")
     p.add_argument("--make-start", action="store_true",
-                   help="instead: retrain the shipped starts data/start-awgn*.pt (with --sigma_max: only that one)")
+                   help="instead: retrain the shipped starts data/start-*.pt (with --world, --sigma_max: only those)")
     p.add_argument("--check-official", metavar="PATH", default=None,
                    help="instead: compare the paper networks and DA loss with a checkout of the official code")
     p.add_argument("--quick", action="store_true", help="the seconds-long size used by the tests")

@@ -103,30 +103,50 @@ def show(images, titles=None, size=2.6, cols=None):
 # ----------------------------------------------------------------------------------------------------------
 # Executed copies for reading before running (docs/notebooks/)
 # ----------------------------------------------------------------------------------------------------------
-def shrink_images(nb, max_width=720):
-    """Downscale every PNG output wider than max_width px, so an executed copy stays small enough to browse."""
+def shrink_images(nb, max_width=720, max_png_bytes=60_000):
+    """Downscale every image output wider than max_width px, and store the large ones (noisy images compress badly
+    as PNG) as JPEG, so an executed copy stays small enough to browse."""
     import base64
     import io
     from PIL import Image
     for cell in nb.cells:
         for out in cell.get("outputs", []):
-            png = out.get("data", {}).get("image/png")
-            if png is None:
+            data = out.get("data", {})
+            if "image/png" not in data:
                 continue
-            img = Image.open(io.BytesIO(base64.b64decode(png)))
+            raw = base64.b64decode(data["image/png"])
+            img = Image.open(io.BytesIO(raw))
+            if img.width <= max_width and len(raw) <= max_png_bytes:
+                continue
             if img.width > max_width:
                 img = img.resize((max_width, round(img.height * max_width / img.width)), Image.LANCZOS)
-                buf = io.BytesIO()
+            buf = io.BytesIO()
+            if len(raw) > max_png_bytes:
+                img.convert("RGB").save(buf, format="JPEG", quality=85)
+                del data["image/png"]
+                data["image/jpeg"] = base64.b64encode(buf.getvalue()).decode()
+            else:
                 img.save(buf, format="PNG", optimize=True)
-                out["data"]["image/png"] = base64.b64encode(buf.getvalue()).decode()
-                out.get("metadata", {}).pop("image/png", None)                  # its old size no longer holds
+                data["image/png"] = base64.b64encode(buf.getvalue()).decode()
+            out.get("metadata", {}).pop("image/png", None)                      # its old size no longer holds
     return nb
+
+
+def header_with_time(header, seconds):
+    """The notebook header's 'Full mode: about N min on a K-core CPU; GPU: ...' with this run's time (rounded to
+    half minutes) on this machine: the CPU part from a CPU run, the GPU part from a CUDA run."""
+    import re
+    t = f"about {max(0.5, round(seconds / 30) / 2):g} min"
+    if device.type == "cuda":
+        return re.sub(r"GPU: [^.]*\.", f"GPU: {t} ({torch.cuda.get_device_name(device)}).", header, count=1)
+    return re.sub(r"Full mode: about [0-9.]+ min on an? [0-9]+-core CPU", f"Full mode: {t} on a {os.cpu_count()}-core CPU",
+                  header, count=1)
 
 
 def render(names=None, out=None, quick=False, log=print):
     """Execute the walkthrough notebooks top to bottom in full mode (quick=True: quick mode, for the tests), each
-    with a fresh run cache (so the time includes all training), and write the executed copies to `out` (default
-    docs/notebooks/). Returns
+    with a fresh run cache (so the time includes all training), write the executed copies to `out` (default
+    docs/notebooks/) and, in full mode, the measured time into each header (source and copy). Returns
     {name: wall seconds}; each copy records its time, device and torch version in its metadata["dada_min"]."""
     import shutil
     import tempfile
@@ -162,7 +182,13 @@ def render(names=None, out=None, quick=False, log=print):
             shutil.rmtree(runs, ignore_errors=True)
         times[path.stem] = time.time() - t0
         nb.metadata["dada_min"] = {"wall_seconds": round(times[path.stem], 1), "quick": quick, "device": str(device),
-                                   "threads": torch.get_num_threads(), "torch": torch.__version__}
+                                   "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                                   "torch": torch.__version__}
+        if not quick:                                   # the header states what this run measured, in both copies
+            source = nbformat.read(path, as_version=4)
+            for book in (source, nb):
+                book.cells[0].source = header_with_time(book.cells[0].source, times[path.stem])
+            nbformat.write(source, path)
         nbformat.write(shrink_images(nb), out / path.name)
         log(f"[render] {path.stem}: {times[path.stem] / 60:.1f} min wall on {device} -> {out / path.name} "
             f"({(out / path.name).stat().st_size / 1e3:.0f} kB)")

@@ -130,8 +130,8 @@ def test_executed_copy_is_in_sync_with_its_source(path):
         if cell.cell_type == "code":
             assert cell.execution_count is not None, f"{copy.name} cell {i} was not executed"
             assert not any(o.output_type == "error" for o in cell.outputs), f"{copy.name} cell {i} failed"
-    assert any("image/png" in o.get("data", {}) for c in done.cells for o in c.get("outputs", []))   # figures
-    assert copy.stat().st_size < 1.5e6
+    assert any({"image/png", "image/jpeg"} & set(o.get("data", {})) for c in done.cells for o in c.get("outputs", []))
+    assert copy.stat().st_size < 1e6                                              # large figures stored as JPEG
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -139,10 +139,23 @@ def test_header_states_the_measured_full_mode_time(path):
     """The header's 'Full mode: about N min' is the executed copy's measured wall time, rounded to 0.5 min."""
     import re
     header = nbformat.read(path, as_version=4).cells[0].source
-    m = re.search(r"Full mode: about ([0-9.]+) min on a 2-core CPU", header)
+    m = re.search(r"Full mode: about ([0-9.]+) min on a ([0-9]+)-core CPU", header)
     assert m, f"{path.name}: the header does not state the full-mode time"
-    measured = nbformat.read(DOCS_NB / path.name, as_version=4).metadata["dada_min"]["wall_seconds"] / 60
+    meta = nbformat.read(DOCS_NB / path.name, as_version=4).metadata["dada_min"]
+    measured = meta["wall_seconds"] / 60
     assert abs(float(m.group(1)) - measured) <= 0.26, f"{path.name}: header {m.group(1)} min, measured {measured:.2f}"
+    assert int(m.group(2)) == meta["cpu_cores"] and meta["device"] == "cpu"
+
+
+def test_header_time_is_rewritten_from_a_run():
+    import sys
+    sys.path.insert(0, str(NB_DIR))
+    import nb_setup
+    h = "*Full mode: about 6.5 min on a 2-core CPU; GPU: not measured. Quick mode: seconds.*"
+    new = nb_setup.header_with_time(h, 200)
+    if nb_setup.device.type == "cpu":
+        assert new == h.replace("about 6.5 min on a 2-core", f"about 3.5 min on a {os.cpu_count()}-core")
+    assert nb_setup.header_with_time(h, 5).count("about") == 1
 
 
 def test_render_writes_an_executed_copy(tmp_path):
@@ -157,3 +170,26 @@ def test_render_writes_an_executed_copy(tmp_path):
     assert all(c.execution_count is not None for c in nb.cells if c.cell_type == "code")
     with pytest.raises(SystemExit, match="unknown notebook"):
         nb_setup.render(["06_nope"], out=tmp_path)
+
+
+def test_shrink_images_keeps_copies_small():
+    import base64
+    import io
+    import sys
+    from PIL import Image
+    sys.path.insert(0, str(NB_DIR))
+    import nb_setup
+
+    def png(w, h, noisy):
+        buf = io.BytesIO()
+        arr = (torch.rand(h, w, 3) * 255).byte() if noisy else torch.full((h, w, 3), 200, dtype=torch.uint8)
+        Image.fromarray(arr.numpy()).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+    small, big = png(100, 80, False), png(1200, 400, True)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=[
+        nbformat.v4.new_output("display_data", data={"image/png": small}),
+        nbformat.v4.new_output("display_data", data={"image/png": big})])])
+    out = nb_setup.shrink_images(nb).cells[0].outputs
+    assert out[0].data["image/png"] == small                                     # small figures stay as they are
+    jpeg = Image.open(io.BytesIO(base64.b64decode(out[1].data["image/jpeg"])))
+    assert "image/png" not in out[1].data and jpeg.size == (720, 240)
