@@ -56,8 +56,8 @@ def test_the_shared_setup_helper():
     assert "torch.manual_seed(seed)" in text and "np.random.seed(seed)" in text
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem != "02_diffusion_basics"], ids=lambda p: p.stem)
+def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):     # 02: test_render_writes_an_executed_copy
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("DADA_QUICK", "1")
     monkeypatch.setenv("DADA_RUNS", str(tmp_path))                               # train fresh, write nothing in the repo
@@ -67,7 +67,7 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(NB_DIR)}})
     client.execute()                                                              # raises CellExecutionError on failure
-    assert any(p.name == "checkpoint.pt" for p in tmp_path.rglob("*")) or path.stem == "02_diffusion_basics"
+    assert any(p.name == "checkpoint.pt" for p in tmp_path.rglob("*"))
 
 
 class Scaled(torch.nn.Module):
@@ -158,8 +158,11 @@ def test_header_time_is_rewritten_from_a_run():
     assert nb_setup.header_with_time(h, 5).count("about") == 1
 
 
-def test_render_writes_an_executed_copy(tmp_path):
+def test_render_writes_an_executed_copy(tmp_path, monkeypatch):
+    """Notebook 02 runs in quick mode here, through the command that writes the executed copies."""
     pytest.importorskip("nbclient")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     import sys
     sys.path.insert(0, str(NB_DIR))
     import nb_setup
