@@ -944,6 +944,7 @@ def exp_regime_map(cfg, out, quick, log=print, worlds=("natural", "dead-leaves")
                 f"({time.time() - t0:.0f} s)")
             results["claims"] = regime_claims(results["cells"])
             dm.atomic_write_text(path, json.dumps(results, indent=1))
+    results["claims"] = regime_claims(results["cells"])                            # also when every cell was kept
     table = regime_table(results)
     dm.atomic_write_text(os.path.join(out, "regime_map.md"), table + "\n")
     regime_figure(os.path.join(out, "regime_map.png"), results)

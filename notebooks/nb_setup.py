@@ -167,7 +167,7 @@ def render(names=None, out=None, quick=False, log=print):
         env = {"DADA_RUNS": str(runs), "DADA_QUICK": "1" if quick else "0"}
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)                                                  # the kernel inherits them
-        log(f"[render] {path.stem}: executing in full mode ...")
+        log(f"[render] {path.stem}: executing in {'quick' if quick else 'full'} mode ...")
         nb = nbformat.read(path, as_version=4)
         t0 = time.time()
         try:
