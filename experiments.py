@@ -790,24 +790,19 @@ def exp_world_effect(cfg, out, quick, log=print):
     seeds = exp_seeds(cfg, quick)
     results = {"experiment": "world_effect", "config": dataclasses.asdict(cfg), "seeds": seeds, "worlds": {}}
     for name, clean in list(CLEAN_VARIANTS.items())[:2 if quick else None]:
-        runs = {m: [] for m in ("vanilla", "da", "oracle")}
+        runs, identity = {m: [] for m in ("vanilla", "da", "oracle")}, []
         for seed in seeds:
             c = dataclasses.replace(cfg, seed=seed, world="dead-leaves")   # every variant from the dead-leaves start
             data = dm.make_data(c, device, clean=clean)
+            identity.append(dm.identity_metrics(data)["real_psnr"])
             for m in runs:
                 state = dm.train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
-                runs[m].append(dm.evaluate_pools(state.G_eval, data))
-        gain = summarize(runs["da"], runs["vanilla"])["real_gain_db"]                # the paired per-seed gains
-        gains = gain["values"]
-        closed = [g / (o["real_psnr"] - v["real_psnr"]) for g, o, v in zip(gains, runs["oracle"], runs["vanilla"])]
-        syn = [d["syn_psnr"] - v["syn_psnr"] for d, v in zip(runs["da"], runs["vanilla"])]
-        results["worlds"][name] = {
+                runs[m].append(scored(state.G_eval, data))
+        results["worlds"][name] = w = {
             "clean_stats": clean_stats(clean(256, cfg.image_size, torch.Generator().manual_seed(cfg.seed)),
-                                       cfg.patch_size),
-            **{m: summarize(r) for m, r in runs.items()}, "da_gain_real_db": gain,
-            "gap_closed": mean_std(closed), "da_syn_change_db": mean_std(syn)}
-        log(f"{name}: DA - vanilla {fmt(gain)} dB, gap closed {fmt(mean_std(closed))}, "
-            f"synthetic change {fmt(mean_std(syn))} dB")
+                                       cfg.patch_size), **map_cell(runs, identity)}   # the regime map's summary row
+        log(f"{name}: DA - vanilla {fmt(w['da_gain_real_db'])} dB, gap closed {fmt(w['gap_closed'])}, "
+            f"synthetic change {fmt(w['da_syn_change_db'])} dB")
         results["claims"] = world_claims(results["worlds"])
         dm.atomic_write_text(os.path.join(out, "world_effect.json"), json.dumps(results, indent=1))
     log(f"\n{'clean world':34s} {'hf':>8s} " + " ".join(f"{h:>14s}" for h in ("vanilla", "DA - vanilla", "gap closed",

@@ -147,10 +147,17 @@ def test_header_states_the_measured_full_mode_time(path):
     assert int(m.group(2)) == meta["cpu_cores"] and meta["device"] == "cpu"
 
 
-def test_header_time_is_rewritten_from_a_run():
+@pytest.fixture
+def nb_setup():
+    """notebooks/nb_setup.py, imported as the notebooks import it (from their folder)."""
+    import importlib
     import sys
     sys.path.insert(0, str(NB_DIR))
-    import nb_setup
+    yield importlib.import_module("nb_setup")
+    sys.path.remove(str(NB_DIR))
+
+
+def test_header_time_is_rewritten_from_a_run(nb_setup):
     h = "*Full mode: about 6.5 min on a 2-core CPU; GPU: not measured. Quick mode: seconds.*"
     new = nb_setup.header_with_time(h, 200)
     if nb_setup.device.type == "cpu":
@@ -158,14 +165,11 @@ def test_header_time_is_rewritten_from_a_run():
     assert nb_setup.header_with_time(h, 5).count("about") == 1
 
 
-def test_render_writes_an_executed_copy(tmp_path, monkeypatch):
+def test_render_writes_an_executed_copy(tmp_path, monkeypatch, nb_setup):
     """Notebook 02 runs in quick mode here, through the command that writes the executed copies."""
     pytest.importorskip("nbclient")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    import sys
-    sys.path.insert(0, str(NB_DIR))
-    import nb_setup
     times = nb_setup.render(["02_diffusion_basics"], out=tmp_path, quick=True, log=lambda s: None)
     assert list(times) == ["02_diffusion_basics"] and times["02_diffusion_basics"] > 0
     nb = nbformat.read(tmp_path / "02_diffusion_basics.ipynb", as_version=4)
@@ -175,13 +179,10 @@ def test_render_writes_an_executed_copy(tmp_path, monkeypatch):
         nb_setup.render(["06_nope"], out=tmp_path)
 
 
-def test_shrink_images_keeps_copies_small():
+def test_shrink_images_keeps_copies_small(nb_setup):
     import base64
     import io
-    import sys
     from PIL import Image
-    sys.path.insert(0, str(NB_DIR))
-    import nb_setup
 
     def png(w, h, noisy):
         buf = io.BytesIO()
