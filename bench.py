@@ -47,37 +47,34 @@ def _max_rss_mb():
 
 def _bench_path(cfg, data, device, fast, steps, warmup):
     """Time train_step on one path. Returns (ms per step, peak CUDA MiB or None, check losses, switches)."""
-    switches, _ = dm.fast_path(device, cfg.compile)
+    switches = dm.fast_path(device)
     if not fast:
         switches = {k: False for k in switches}
     cudnn_before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = switches["cudnn_benchmark"]
     state = dm.init_state(cfg, device, fast=fast)
-    gmodels = (torch.compile(state.G), torch.compile(state.D)) if switches["compile"] else None
     # The loss check: init_state seeded the weights, and the same seed gives the same batch, gamma, eps
     # and slot swaps (both paths draw the same random numbers in the same order). Dropout is off for
-    # this one step: its masks depend on the memory layout and on compilation, not only on the seed.
+    # this one step: its masks depend on the memory layout, not only on the seed.
     # At step 0 alpha = 0, so this step changes G only through L_Res.
     state.D.eval()
     torch.manual_seed(cfg.seed + 1)
-    parts = dm.train_step(state, data, gmodels)
+    parts = dm.train_step(state, data)
     losses = {k: float(parts[k]) for k in ("loss_res", "loss_dif")}                # host sync: fine, untimed
     state.D.train()
-    for _ in range(warmup):                                                         # cuDNN tuning, compiling,
-        dm.train_step(state, data, gmodels)                                            # allocator growth
+    for _ in range(warmup):                                                         # cuDNN tuning and
+        dm.train_step(state, data)                                                  # allocator growth
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        dm.train_step(state, data, gmodels)
+        dm.train_step(state, data)
     _sync(device)
     ms = (time.perf_counter() - t0) / steps * 1e3
     peak = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None
     torch.backends.cudnn.benchmark = cudnn_before
-    del state, gmodels                                                              # free memory for the next path
-    if switches["compile"]:
-        torch.compiler.reset()
+    del state                                                                       # free memory for the next path
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -87,13 +84,13 @@ def _bench_path(cfg, data, device, fast, steps, warmup):
 def bench(cfg, batches=None, size=None, steps=20, warmup=None, label=None, log=print):
     """Throughput of one DA training step (Algorithm A: G on both domains, both eps_theta passes, one
     backward through both networks, the Adam step and the EMA), timed after a warm-up, for the fast
-    path (cfg.precision, channels_last, fused Adam, cuDNN autotuning, cfg.compile) and for the plain
+    path (cfg.precision, channels_last, fused Adam, cuDNN autotuning) and for the plain
     fp32 eager path, in the same process, on the same data and the same initial weights.
     batches: batch sizes to time (default [cfg.batch_size]); size: patch side in px (default
     cfg.patch_size); steps: timed steps per path; warmup: untimed steps after the (also untimed) loss
-    check step (default 5 on CUDA for cuDNN tuning and compiling, 1 elsewhere).
+    check step (default 5 on CUDA for cuDNN tuning, 1 elsewhere).
     Logs one JSON line per (batch, path) with: path, device, precision, channels_last, fused_adam,
-    cudnn_benchmark, compile, batch, size, steps, warmup, ms_per_step, pairs_per_s (synthetic pairs per
+    cudnn_benchmark, batch, size, steps, warmup, ms_per_step, pairs_per_s (synthetic pairs per
     second; each comes with one real image), peak_mem_mb (CUDA max_memory_allocated over the timed
     steps; null on CPU), max_rss_mb (this process's peak resident memory so far), params_restorer,
     params_denoiser, loss_res, loss_dif (the check step's losses). The fast line adds speedup (its
@@ -102,11 +99,7 @@ def bench(cfg, batches=None, size=None, steps=20, warmup=None, label=None, log=p
     batches = list(batches or [cfg.batch_size])
     size = size or cfg.patch_size
     warmup = (5 if device.type == "cuda" else 1) if warmup is None else warmup
-    amp_dtype, _ = dm.pick_precision(cfg.precision, device)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    _, note = dm.fast_path(device, cfg.compile)
-    if note:
-        log(note)
+    precision = "bf16" if dm.pick_precision(cfg.precision, device) else "fp32"
     G, D = dm.make_networks(cfg)
     counts = {"params_restorer": dm.n_params(G), "params_denoiser": dm.n_params(D)}
     del G, D
@@ -120,7 +113,7 @@ def bench(cfg, batches=None, size=None, steps=20, warmup=None, label=None, log=p
                                    n_syn=n, n_real=n, n_test=1).validate()
         data = dm.make_data(bcfg, device)
         by_path = {}
-        for path, pcfg, fast in (("fp32-eager", dataclasses.replace(bcfg, precision="fp32", compile=False), False),
+        for path, pcfg, fast in (("fp32-eager", dataclasses.replace(bcfg, precision="fp32"), False),
                                  ("fast", bcfg, True)):
             ms, peak, losses, sw = _bench_path(pcfg, data, device, fast, steps, warmup)
             row = {"bench": "da_train_step", "preset": label, "path": path, "device": dev_name,
@@ -137,7 +130,7 @@ def bench(cfg, batches=None, size=None, steps=20, warmup=None, label=None, log=p
         for row in (slow, fast_row):
             log(json.dumps(row))
         log(f"batch {B}, {size} px, {dev_name}: fp32 eager {slow['ms_per_step']:.1f} ms/step "
-            f"({slow['pairs_per_s']:.3g} pairs/s); fast ({precision}{', compiled' if fast_row['compile'] else ''}) "
+            f"({slow['pairs_per_s']:.3g} pairs/s); fast ({precision}) "
             f"{fast_row['ms_per_step']:.1f} ms/step ({fast_row['pairs_per_s']:.3g} pairs/s): "
             f"{fast_row['speedup']:.2f}x; losses {'agree' if ok else 'DISAGREE'} (max relative difference {diff:.1e})")
         rows += [slow, fast_row]

@@ -11,30 +11,22 @@ The idea in four lines:
      and residual-swapping contrastive learning (negatives x_syn + R_real and x_real + R_syn).
   4. At test time the denoiser is thrown away: restoring is one pass of G.
 
-Read top to bottom; the sections, in order: config and presets (Config, PRESETS, STARTS) -> built-in data for all tasks
-(TASKS) -> networks (RestorerUNet, RESTORERS, ConditionalDenoiser) -> noise schedule -> the two anti-shortcut tricks ->
-losses -> training (train_step, plug-ins, train) -> checkpoints -> inference (restore) -> metrics -> demo -> CLI (main).
-
-"Algorithm A" below is that joint training (Sec. 3) as the official code runs it (Noise-DA, diff_flag=1); "Algorithm B"
-is its variant "Ours-Ex" (diff_flag=2): an unpaired clean image is noised instead, without negatives.
+Sections, top to bottom: config -> built-in data (TASKS) -> networks -> noise schedule -> the two anti-shortcut tricks
+-> losses -> training -> checkpoints -> inference -> metrics -> demo -> CLI. "Algorithm A" is the joint training
+(Sec. 3) as the official code runs it (Noise-DA, diff_flag=1); "Algorithm B" its variant "Ours-Ex" (diff_flag=2).
 
     python dada_min.py --demo          # vanilla vs DA vs oracle from the shipped start (~3 min on 2 CPU cores)
     python dada_min.py --method da --steps 600 --out runs/da     # train one method on built-in data
-    python dada_min.py --help          # every config field is a flag
 
-The harness sits beside this file and imports it (not the reverse): folders.py (your own images: train | restore |
-evaluate), experiments.py (the paper's tables and figures in miniature), baselines.py (DANN, pixel-space DA), bench.py.
+The harness imports this file (never the reverse): folders.py, experiments.py, baselines.py, bench.py.
 """
 
-# ----------------------------------------------------------------------------------------------------------
-# Imports
-# ----------------------------------------------------------------------------------------------------------
 import argparse
 import contextlib
 import copy
 import dataclasses
 import difflib
-import importlib.util
+import functools
 import inspect
 import json
 import math
@@ -74,16 +66,14 @@ METHODS = {
 @dataclass
 class Config:
     # --- run ---
-    method: str = "da"            # what to train, one of METHODS: vanilla | da | oracle | naive | no_shuffle |
-                                  # no_contrast | only_syn | only_real | da_ex (import baselines: dann | pixel_da)
+    method: str = "da"            # what to train, one of METHODS: vanilla | da | oracle | ablations (+ baselines.py's)
     task: str = "denoise"         # restoration task: denoise | derain | deblur (each has built-in domains)
     seed: int = 0                 # seeds data generation, initialisation and sampling
     device: str = "auto"          # auto (cuda > mps > cpu) | cpu | cuda | mps
-    precision: str = "auto"       # auto (CUDA: bf16, fp16 on pre-Ampere GPUs; fp32 elsewhere) | fp32 | bf16 | fp16
-    compile: bool = False         # torch.compile the networks (opt-in; CUDA with Triton only, else a note)
+    precision: str = "auto"       # auto (bf16 on CUDA GPUs of compute capability >= 8, else fp32) | fp32 | bf16
     # --- built-in data (all images in [0, 1], as the official denoising config) ---
     image_size: int = 48          # side of each generated clean image, px
-    world: str = "natural"        # built-in clean images, one of WORLDS: natural (photo statistics) | dead-leaves (sharp)
+    world: str = "phone"          # built-in clean images, one of WORLDS: phone (phone photos) | natural | dead-leaves
     patch_size: int = 32          # side of the random training crops, px
     n_syn: int = 512              # clean images behind the synthetic training pairs
     n_real: int = 512             # unpaired real-like training images (from OTHER clean images)
@@ -112,19 +102,16 @@ class Config:
     # --- the method ---
     alpha_max: float = 0.2        # final weight of the diffusion loss (official diff_weight)
     ramp_frac: float = 0.5        # fraction of training over which alpha ramps up (official: 300 epochs)
-    margin: float = 0.1           # triplet hinge margin, Eq. (3) (official: 0.1); for hinge=x0 in x0 units
-    hinge: str = "batch"          # RS hinge: batch (official) | auto (adaptive margin, rs_margin) | x0 (x0_hinge)
+    margin: float = 0.1           # triplet hinge margin, Eq. (3) (official: 0.1)
     # --- optimisation ---
     steps: int = 400              # training steps
-    batch_size: int = 16          # synthetic pairs per step (and as many real images), per process: under torchrun
-                                  # the global batch is batch_size x the number of processes
+    batch_size: int = 16          # synthetic pairs (and as many real images) per step and process (torchrun: x N)
     lr: float = 1e-3              # Adam learning rate, constant, shared by G and eps_theta (paper: 1e-4)
     ema_decay: float = 0.995      # decay of the EMA of G's weights, in [0, 1) (official: 0.9999)
     ema_warmup: bool = True       # warm the decay up as min(ema_decay, (1 + step) / (10 + step)); false: constant
     eval_ema: bool = True         # evaluate, save for restore and start from the EMA of G; false: the raw G (official)
-    # NOTE(simplification): the official code keeps a constant-decay EMA (of both networks) but scores the raw G; the
-    # `paper` preset does too (for G). Short runs are noisy and a 0.9999 EMA would lag them by 10,000 steps, so the
-    # small presets warm the decay up and score the EMA.
+    # NOTE(simplification): official: a constant-decay EMA, the raw G scored (so the `paper` preset); short runs are
+    # noisy and a 0.9999 EMA would lag them by 10,000 steps, so the small presets warm the decay up and score the EMA.
     eval_every: int = 100         # evaluate PSNR and the mechanism diagnostic every N steps (0: only at the end)
     log_every: int = 100          # print losses every N steps
 
@@ -142,10 +129,9 @@ class Config:
             bad("real_noise", f"is not one of {sorted(TASKS[self.task]['real'])} (or auto) for task {self.task!r}")
         if self.sigma_max is None:                      # resolved once, like real_noise
             self.sigma_max = TASKS[self.task].get("sigma_max", {}).get(self.real_noise, 75.0)
-        if self.world not in WORLDS:
-            bad("world", f"is not one of {sorted(WORLDS)}")
-        if self.restorer not in RESTORERS:
-            bad("restorer", f"is not one of {sorted(RESTORERS)}")
+        for name, table in (("world", WORLDS), ("restorer", RESTORERS)):
+            if getattr(self, name) not in table:
+                bad(name, f"is not one of {sorted(table)}")
         if self.start == "auto":                        # resolved once, so checkpoints record the choice
             self.start = "shipped" if start_matches(self) else "scratch"
         if self.start == "shipped" and not start_matches(self):
@@ -153,9 +139,8 @@ class Config:
                          f"{Config.restorer}, r_width={Config.r_width}, r_depth={Config.r_depth} only; use start=scratch or a checkpoint path")
         if self.start not in ("shipped", "scratch") and not os.path.isfile(self.start):
             bad("start", "must be auto, shipped, scratch or the path of an existing checkpoint.pt")
-        for name, choices in (("hinge", ("batch", "auto", "x0")), ("precision", ("auto", "fp32", "bf16", "fp16"))):
-            if getattr(self, name) not in choices:
-                bad(name, "must be " + " or ".join(choices))
+        if self.precision not in ("auto", "fp32", "bf16"):
+            bad("precision", "must be auto, fp32 or bf16")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             bad("device", "must be auto, cpu, cuda, cuda:N or mps")
         # numbers: finite (NaN/inf compare False with everything and would slip through), integers in int fields
@@ -205,11 +190,11 @@ PRESETS = {
 
 
 # NOTE(simplification): the shipped starts. The official alpha ramp spans 300 epochs (~1e5 steps), so G is a converged
-# synthetic denoiser long before the diffusion loss weighs anything. dada-min ships such restorers (vanilla, 6000 steps,
-# cpu-demo sizes), one per clean world and range in TASKS["denoise"]["sigma_max"] (`python experiments.py
-# --make-start`); all demo methods start there.
+# synthetic denoiser long before the diffusion loss weighs anything: dada-min ships such restorers (vanilla, 6000
+# steps, cpu-demo sizes; `python experiments.py --make-start`), one per clean world and synthetic range.
 STARTS = {("natural", 15.0): "start-awgn15.pt", ("natural", 75.0): "start-awgn75.pt",        # (world, sigma_max)
-          ("dead-leaves", 15.0): "start-awgn15-dead-leaves.pt", ("dead-leaves", 75.0): "start-awgn75-dead-leaves.pt"}
+          ("dead-leaves", 15.0): "start-awgn15-dead-leaves.pt", ("dead-leaves", 75.0): "start-awgn75-dead-leaves.pt",
+          ("phone", 15.0): "start-awgn15-phone.pt", ("phone", 75.0): "start-awgn75-phone.pt"}
 
 
 def start_path(world, sigma_max):
@@ -239,9 +224,8 @@ def make_config(preset="cpu-demo", **overrides):
 # NOTE(simplification): clean images come from a generator (WORLDS) instead of DIV2K/Flickr2K/WED/BSD, the real-like
 # sets from a simulated camera instead of SIDD: no download, and a known real-like ground truth (oracle, diagnostic).
 def dead_leaves(n, size, gen, n_discs=250, min_radius=3.0, device="cpu", chunk=32):
-    """Sharp clean images (world=dead-leaves): the dead-leaves model (occluding discs, radii following p(r) ~ r^-3,
-    the scale-invariant choice, each with a gentle shading ramp), rendered at 2x and box-downsampled for soft edges.
-    `gen` draws on the CPU, so the images are the same on every device. Returns (n, 3, size, size) in [0, 1]."""
+    """Sharp clean images (world=dead-leaves): occluding discs, radii ~ r^-3 (scale-invariant), each gently shaded,
+    rendered at 2x and box-downsampled; `gen` draws on the CPU (same images on every device). (n, 3, s, s)."""
     s = 2 * size
     r_min, r_max = 2.0 * min_radius, s / 2    # render px; min_radius keeps detail distinguishable from noise for tiny G
     u = torch.rand(n, n_discs, generator=gen)                # inverse-CDF sampling of p(r) ~ r^-3 on [r_min, r_max]
@@ -267,23 +251,30 @@ def dead_leaves(n, size, gen, n_discs=250, min_radius=3.0, device="cpu", chunk=3
     return F.avg_pool2d(torch.cat(out), 2).clamp(0, 1)
 
 
-def natural_leaves(n, size, gen, contrast=0.44, texture=0.04, device="cpu"):
-    """Clean images whose statistics at the training crop match photographs' (docs/effect.md, "The selected world"):
-    dead leaves at natural local contrast (each image pulled towards its mean colour) with a fine 1/f
-    luminance texture, so most of a crop is gently shaded surface and a few edges, as in a 48 px tile of a photograph.
-    On 32 px crops: hf 0.0025, edge share 0.056, spectrum slope -2.71 (photographs: 0.0024, 0.084, -2.70; the sharp
-    dead leaves: 0.0123, 0.208, -2.77). (n, 3, size, size) in [0, 1]."""
-    x = dead_leaves(n, size, gen)                                                   # (n, 3, s, s)
+def soft_leaves(n, size, gen, n_discs=250, min_radius=3.0, contrast=0.44, lens=0.0, texture=0.04, device="cpu"):
+    """Dead leaves made photo-like: pulled towards each image's mean colour by `contrast`, softened by a Gaussian lens
+    of `lens` px (0: none), times a 1/f luminance grain of std `texture`. Two worlds, chosen by statistics (below)."""
+    x = dead_leaves(n, size, gen, n_discs=n_discs, min_radius=min_radius)          # (n, 3, s, s)
     mean = x.mean((2, 3), keepdim=True)                                             # (n, 3, 1, 1)
+    x = mean + contrast * (x - mean)
+    if lens:
+        x = blur(x, gaussian_kernels(torch.full((n,), float(lens)), int(2 * math.ceil(3 * lens) + 1)))   # +-3 sigma
     f = torch.fft.fftfreq(size)
     radius = torch.sqrt(f.view(-1, 1) ** 2 + f.view(1, -1) ** 2).clamp(min=1 / size)   # (s, s) cycles per px
-    grain = torch.fft.ifft2(torch.fft.fft2(torch.randn(n, 1, size, size, generator=gen)) / radius).real  # power ~ 1/f^2
+    grain = torch.fft.ifft2(torch.fft.fft2(torch.randn(n, 1, size, size, generator=gen)) / radius).real
     grain = grain / grain.std((2, 3), keepdim=True)                                 # (n, 1, s, s), unit std
-    return ((mean + contrast * (x - mean)) * (1 + texture * grain)).clamp(0, 1).to(device)
+    return (x * (1 + texture * grain)).clamp(0, 1).to(device)
 
+
+# world=natural (docs/effect.md): a 48 px tile of a textured photograph. 32 px crops: hf 0.0025, edge share 0.056, slope
+# -2.71 (McMaster photographs: 0.0024, 0.084, -2.70; the sharp dead leaves: 0.0123, 0.208, -2.77).
+natural_leaves = soft_leaves
+# world=phone (docs/effect.md): a phone's pixels are small against what they see: a few large soft shapes per 48 px.
+# hf 0.00027, edges 0.0105, slope -2.89 (SIDD / PolyU / Nam ground truths: 0.00012-0.00032, 0.006-0.017, -2.3/-2.9).
+phone_leaves = functools.partial(soft_leaves, n_discs=100, min_radius=14.0, contrast=1.0, lens=2.0, texture=0.02)
 
 # world -> clean(n, size, gen): the built-in clean images (Config.world)
-WORLDS = {"natural": natural_leaves, "dead-leaves": dead_leaves}
+WORLDS = {"natural": natural_leaves, "dead-leaves": dead_leaves, "phone": phone_leaves}
 
 
 def add_awgn(y, sigma_max, gen=None):
@@ -292,34 +283,8 @@ def add_awgn(y, sigma_max, gen=None):
     return y + sigma * torch.randn(y.shape, generator=gen, device=y.device)
 
 
-def srgb_to_linear(x):
-    return torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
-
-
-def linear_to_srgb(x):
-    x = x.clamp(min=0)
-    return torch.where(x <= 0.0031308, 12.92 * x, 1.055 * x.clamp(min=1e-8) ** (1 / 2.4) - 0.055)
-
-
 # camera RGB -> linear sRGB colour-correction matrix (rows sum to 1, typical saturation boost)
 CCM = torch.tensor([[1.75, -0.55, -0.20], [-0.25, 1.55, -0.30], [0.05, -0.60, 1.55]])
-
-
-def bayer_masks(h, w, device=None):
-    """RGGB mosaic: (3, h, w) 0/1 masks saying which colour each photosite measures."""
-    m = torch.zeros(3, h, w, device=device)
-    for c, dy, dx in ((0, 0, 0), (1, 0, 1), (1, 1, 0), (2, 1, 1)):                  # R G / G B
-        m[c, dy::2, dx::2] = 1
-    return m
-
-
-def demosaic_bilinear(raw, masks):
-    """Bilinear demosaicing of (n, 1, h, w) raw data into (n, 3, h, w)."""
-    k_rb = torch.tensor([[1., 2., 1.], [2., 4., 2.], [1., 2., 1.]], device=raw.device) / 4
-    k_g = torch.tensor([[0., 1., 0.], [1., 4., 1.], [0., 1., 0.]], device=raw.device) / 4
-    kernels = torch.stack([k_rb, k_g, k_rb])[:, None]                               # (3, 1, 3, 3)
-    planes = F.pad(raw * masks, (1, 1, 1, 1), mode="reflect")                       # (n, 3, h+2, w+2)
-    return F.conv2d(planes, kernels, groups=3)  # spreads each photosite's noise: camera noise is spatially correlated
 
 
 def camera_noise(y, gen=None, shot=(1e-3, 1e-2), read=(1e-6, 1e-4)):
@@ -327,15 +292,24 @@ def camera_noise(y, gen=None, shot=(1e-3, 1e-2), read=(1e-6, 1e-4)):
     white-balanced, colour-corrected and gamma-encoded, so the sRGB noise is correlated in space and colour and depends
     on brightness. Only the noise goes through the pipeline, x = y + P(raw + n) - P(raw): the clean target stays y."""
     n, _, h, w = y.shape
-    dev, ccm, masks = y.device, CCM.to(y.device), bayer_masks(h, w, y.device)
+    dev, ccm = y.device, CCM.to(y.device)
+    masks = torch.zeros(3, h, w, device=dev)                                        # RGGB: which colour each photosite
+    for c, dy, dx in ((0, 0, 0), (1, 0, 1), (1, 1, 0), (2, 1, 1)):                  # measures (R G / G B)
+        masks[c, dy::2, dx::2] = 1
+    k_rb = torch.tensor([[1., 2., 1.], [2., 4., 2.], [1., 2., 1.]], device=dev) / 4
+    k_g = torch.tensor([[0., 1., 0.], [1., 4., 1.], [0., 1., 0.]], device=dev) / 4
+    demosaic = torch.stack([k_rb, k_g, k_rb])[:, None]                              # (3, 1, 3, 3) bilinear kernels
     a, b = (torch.exp(math.log(lo) + torch.rand(n, 1, 1, 1, generator=gen).to(dev) * math.log(hi / lo))
             for lo, hi in (shot, read))  # shot gain a, read variance b (var = a*x + b), log-uniform per image
     wb = 1.6 + 0.8 * torch.rand(n, 3, 1, 1, generator=gen).to(dev)                 # red/blue white-balance gains
     wb[:, 1] = 1.0
 
-    def to_srgb(raw):                                                               # the camera's processing P
-        return linear_to_srgb(torch.einsum("ij,njhw->nihw", ccm, demosaic_bilinear(raw, masks) * wb))
-    cam = torch.einsum("ij,njhw->nihw", torch.linalg.inv(ccm), srgb_to_linear(y)) / wb  # undo CCM and WB
+    def to_srgb(raw):                           # the camera's processing P: demosaic (it spreads each photosite's
+        rgb = F.conv2d(F.pad(raw * masks, (1, 1, 1, 1), mode="reflect"), demosaic, groups=3)   # noise), WB, CCM,
+        x = torch.einsum("ij,njhw->nihw", ccm, rgb * wb).clamp(min=0)                          # gamma
+        return torch.where(x <= 0.0031308, 12.92 * x, 1.055 * x.clamp(min=1e-8) ** (1 / 2.4) - 0.055)
+    lin = torch.where(y <= 0.04045, y / 12.92, ((y + 0.055) / 1.055) ** 2.4)      # sRGB -> linear
+    cam = torch.einsum("ij,njhw->nihw", torch.linalg.inv(ccm), lin) / wb            # undo CCM and WB
     raw = (cam.clamp(0, 1) * masks).sum(1, keepdim=True)                            # (n, 1, h, w) mosaic
     noisy_raw = raw + torch.sqrt(a * raw + b) * torch.randn(raw.shape, generator=gen).to(dev)
     return (y + to_srgb(noisy_raw) - to_srgb(raw)).clamp(0, 1)
@@ -349,9 +323,8 @@ def white_noise(y, gen=None, sigma=(30.0, 60.0)):
 
 
 def correlated_noise(y, gen=None, sigma=(5.0, 15.0), width=1.0):
-    """A real-like domain INSIDE the synthetic range sigma <= 15 whose noise is spatially correlated: white noise
-    blurred by a Gaussian of `width` px, rescaled to a per-pixel sigma ~ U[5, 15]/255. Its energy sits at the middle
-    frequencies, where a restorer trained on white noise of the same strength barely looks."""
+    """A real-like domain INSIDE the synthetic range sigma <= 15 but spatially correlated: white noise blurred by a
+    Gaussian of `width` px, rescaled to a per-pixel sigma ~ U[5, 15]/255 (its energy sits at the middle frequencies)."""
     n = y.shape[0]
     s = (sigma[0] + (sigma[1] - sigma[0]) * torch.rand(n, 1, 1, 1, generator=gen, device=y.device)) / 255
     grain = blur(torch.randn(y.shape, generator=gen, device=y.device), gaussian_kernels(torch.full((n,), width), 7))
@@ -473,11 +446,9 @@ def shake_blur(y, gen=None):
 
 
 # task -> its synthetic degradation fn(y, gen=None, **params) ("params": the Config fields it takes) and its real-like
-# ones fn(y, gen); a new task is one entry here. Each real-like denoising domain has its paired synthetic range
-# ("sigma_max", used when Config.sigma_max is None): on `white` a converged synthetic restorer leaves residual noise
-# (the paper's failure mode); on `camera` (the paper's sigma <= 75) it already over-smooths (docs/effect.md).
-# NOTE(simplification): every task works in [0, 1]; the official code uses [-1, 1] for deraining and
-# deblurring (official code: data/dataset.py). Rain and blur draw their strengths from fixed ranges.
+# ones fn(y, gen); a new task is one entry here. Each denoising domain has its paired synthetic range (used when
+# Config.sigma_max is None): on `white` a converged restorer leaves residual noise, on `camera` it over-smooths.
+# NOTE(simplification): every task works in [0, 1] (official: [-1, 1] for deraining and deblurring, data/dataset.py).
 TASKS = {
     "denoise": {"synthetic": add_awgn, "params": ("sigma_max",), "real": {"white": white_noise, "camera": camera_noise,
                 "correlated": correlated_noise}, "sigma_max": {"white": 15.0, "camera": 75.0, "correlated": 15.0}},
@@ -573,9 +544,8 @@ def conv3(c_in, c_out):
 
 
 def kaiming_init(net):
-    """The official initialisation of both networks (its BaseNetwork.init_weights, init_type="kaiming"): Kaiming (He)
-    normal weights, fan_in, gain sqrt(2), and zero biases in every conv and linear layer (guided-diffusion's zero-init
-    output layers included: init_weights runs after the networks are built and overwrites them)."""
+    """The official initialisation of both networks (BaseNetwork.init_weights, "kaiming"): Kaiming-normal weights,
+    fan_in, zero biases in every conv and linear layer (guided-diffusion's zero-init output layers overwritten too)."""
     for m in net.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
@@ -604,9 +574,8 @@ class RestorerUNet(nn.Module):
         self.last = conv3(c_prev, 3)
         kaiming_init(self)                                                          # as the official code
         if zero_head:
-            # NOTE(simplification): the residual head starts at zero, so a fresh G is the identity map (y_hat = x).
-            # With Kaiming weights there, its first outputs are noise (about 6-15 dB) and at the small presets' 10x
-            # learning rate a from-scratch G stalls below its input's PSNR (docs/deviations.md, 3); `paper`: off.
+            # NOTE(simplification): a zero residual head: a fresh G is the identity (y_hat = x). With Kaiming weights, a
+            # from-scratch G at the small presets' 10x learning rate stalls below its input (docs/deviations.md, 3).
             nn.init.zeros_(self.last.weight), nn.init.zeros_(self.last.bias)
 
     def forward(self, x, return_features=False):                                    # x: (B, 3, H, W)
@@ -725,9 +694,8 @@ class ConditionalDenoiser(nn.Module):
         return self.out(h)                                                          # eps_hat: (B, 3, H, W)
 
 
-# cfg.restorer -> a function(cfg) that builds G. A new restorer is one entry here: any nn.Module whose forward returns
-# the residual R(x) (x's shape), with a .depth attribute (restore() pads to a multiple of 2^(depth-1)) and no batch
-# statistics (train_step restores both domains in one pass). Checkpoints record the name; train(G=module) trains one.
+# cfg.restorer -> a function(cfg) that builds G; a new restorer is one entry: a module returning the residual R(x), with
+# a .depth attribute (restore() pads to 2^(depth-1)) and no batch statistics (both domains pass in one batch).
 RESTORERS = {"unet": lambda cfg: RestorerUNet(cfg.r_width, cfg.r_depth, cfg.r_zero_head)}
 
 
@@ -768,22 +736,6 @@ class NoiseSchedule(nn.Module):
         g = gamma.view(-1, 1, 1, 1).to(y0.dtype)
         return g.sqrt() * y0 + (1 - g).sqrt() * eps
 
-    @torch.no_grad()
-    def sample(self, denoiser, cond, stride=1):
-        """Ancestral DDPM sampling of y0 given cond = cat[c1, c2], for the notebooks (the official code has none)."""
-        ac_all = self.alphas_cumprod
-        ts = list(range(self.T - 1, -1, -stride))                                   # stride > 1: a respaced DDPM
-        y = torch.randn(cond.shape[0], 3, *cond.shape[2:], device=cond.device)     # (B, 3, H, W); cond (B, 6, H, W)
-        for i, t in enumerate(ts):
-            ac = ac_all[t]
-            ac_prev = ac_all[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(ac)
-            alpha = ac / ac_prev                                                    # this (respaced) step's 1 - beta
-            eps = denoiser(torch.cat([y, cond], 1), ac.expand(y.shape[0])).float()    # gamma = abar_t
-            mean = (y - (1 - alpha) / (1 - ac).sqrt() * eps) / alpha.sqrt()
-            var = (1 - alpha) * (1 - ac_prev) / (1 - ac)                            # 0 at the last step
-            y = mean + var.sqrt() * torch.randn_like(y) if i + 1 < len(ts) else mean  # no noise at the last step
-        return y
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The two anti-shortcut tricks
@@ -791,8 +743,7 @@ class NoiseSchedule(nn.Module):
 def channel_shuffle(c_syn, c_real, enabled=True):
     """Channel-shuffling layer (CS): for each sample independently, with p = 1/2, swap which condition slot holds the
     synthetic and which the real image (redrawn each call; y_t stays in front). Returns (c1, c2, swapped (B,) bool)."""
-    # Why: y_syn_hat shows the noised scene itself; without CS eps_theta reads that fixed slot and ignores the other,
-    # so the loss asks G for little more than L_Res does.
+    # Why: y_syn_hat shows the noised scene; without CS eps_theta reads that fixed slot and ignores the other.
     if not enabled:
         return c_syn, c_real, torch.zeros(c_syn.shape[0], dtype=torch.bool, device=c_syn.device)
     swapped = torch.rand(c_syn.shape[0], device=c_syn.device) < 0.5                 # (B,)
@@ -819,23 +770,13 @@ def triplet_hinge(eps, eps_pos, eps_neg, margin=0.1):
     return F.relu(F.mse_loss(eps_pos, eps) - F.mse_loss(eps_neg, eps) + margin)      # ONE hinge per batch
 
 
-def x0_hinge(eps, eps_pos, eps_neg, gamma, margin=1e-2):
-    """NOTE(simplification): not the paper's form; opt-in instead of triplet_hinge (hinge="x0"). One hinge per sample on
-    image-unit errors: y0_hat - y0 = -sqrt((1 - gamma) / gamma) (eps_hat - eps), so err_x0 = (1 - gamma) / gamma * the
-    noise MSE. In a batch mean the few samples near gamma = 1 clear any margin alone; per sample, every level counts."""
-    w = ((1 - gamma) / gamma).float()                                                # (B,)
-    pos, neg = (((e - eps) ** 2).flatten(1).mean(1) for e in (eps_pos, eps_neg))    # (B,) per-sample noise MSEs
-    return F.relu(w * (pos - neg) + margin).mean()      # mean over samples of relu(err_x0(pos) - err_x0(neg) + margin)
-
-
 def diffusion_loss(denoiser, schedule, y0, cond_syn, cond_real, neg=None, shuffle=True, margin=0.1,
-                   t_range=(1, None), gamma=None, eps=None, hinge="batch"):
+                   t_range=(1, None), gamma=None, eps=None):
     """The noise-space loss L_noise, Eq. (1): MSE(eps, eps_theta(cat[y_t, c1, c2], gamma)) -> (loss, detached parts).
     y0:        (B, 3, H, W) clean image that is noised (y_syn; an unpaired clean image for Ours-Ex)
     cond_syn, cond_real: (B, 3, H, W) restored images y_syn_hat = x_syn + R_syn, y_real_hat = x_real + R_real
     neg:       None, or the RS negatives (x_syn + R_real, x_real + R_syn): their pass uses the SAME y_t, eps and
-               gamma with its own slot swap, and the loss is (Eq. (1) + Eq. (3)) / 2
-    hinge:     "batch" or "auto" (only the caller's `margin` differs): Eq. (3), triplet_hinge; "x0": x0_hinge"""
+               gamma with its own slot swap, and the loss is (Eq. (1) + Eq. (3)) / 2"""
     gamma = schedule.sample_gamma(y0.shape[0], *t_range) if gamma is None else gamma  # (B,)
     eps = torch.randn_like(y0) if eps is None else eps
     y_t = schedule.q_sample(y0, gamma, eps)                                         # (B, 3, H, W)
@@ -845,15 +786,13 @@ def diffusion_loss(denoiser, schedule, y0, cond_syn, cond_real, neg=None, shuffl
         mse_pos = F.mse_loss(eps_pos, eps)                                          # Eq. (1)
         return mse_pos, {"mse": mse_pos.detach()}
     n1, n2, _ = channel_shuffle(neg[0], neg[1], shuffle)                            # its own, independent swap
-    # positives and negatives in ONE denoiser call (the official code makes two): the same maths, since eps_theta has
-    # no batch statistics (GroupNorm is per sample) and dropout draws independent masks either way; under torchrun
-    # each network then runs once per step, the pattern DDP expects (on the CPU it is no faster, as measured)
+    # positives and negatives in ONE denoiser call (official: two): the same maths, as eps_theta has no batch statistics
+    # and dropout masks are independent either way; under torchrun each network then runs once a step, as DDP expects
     inp = torch.cat([torch.cat([y_t, c1, c2], 1), torch.cat([y_t, n1, n2], 1)])   # (2B, 9, H, W)
     eps_pos, eps_neg = denoiser(inp, torch.cat([gamma, gamma])).float().chunk(2)    # (B, 3, H, W) each
     mse_pos = F.mse_loss(eps_pos, eps)                                              # Eq. (1)
     mse_neg = F.mse_loss(eps_neg, eps)
-    hinge = (x0_hinge(eps, eps_pos, eps_neg, gamma, margin) if hinge == "x0"
-             else triplet_hinge(eps, eps_pos, eps_neg, margin))                      # Eq. (3)
+    hinge = triplet_hinge(eps, eps_pos, eps_neg, margin)                             # Eq. (3)
     return (mse_pos + hinge) / 2, {"mse": mse_pos.detach(), "mse_neg": mse_neg.detach(), "hinge": hinge.detach()}
 
 
@@ -886,11 +825,10 @@ def pick_device(name="auto"):
     return dev
 
 
-# Data parallelism (torchrun): every process runs this same file on its own device with its own batches; DDP averages
-# the gradients of G and eps_theta across processes in backward, so all copies take the same optimiser step. Rank 0
-# logs, evaluates and writes. Without torchrun (no RANK in the environment) nothing here does anything.
+# Data parallelism (torchrun): each process runs this file on its own device and batches; DDP averages the gradients in
+# backward, so all copies take the same step. Rank 0 logs, evaluates and writes. Without torchrun nothing here acts.
 def dist_rank():
-    """(rank, world size): this process's index and the number of processes; (0, 1) without torchrun."""
+    """(rank, world size) of this process; (0, 1) without torchrun."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
@@ -899,15 +837,8 @@ def rank0(log):
     return log if dist_rank()[0] == 0 else (lambda *args, **kwargs: None)
 
 
-def dist_setup(device):
-    """Join the process group torchrun describes (nccl on CUDA, gloo elsewhere); idempotent; no-op alone."""
-    if dist_rank()[1] > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
 def dist_teardown():
-    """Leave the process group once every process is done (a barrier first: a process that tears its connections
-    down while another still uses them can abort the other)."""
+    """Leave the process group once all are done (a barrier first: one tearing down early can abort the others)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -923,49 +854,40 @@ def dist_any(flag, device):
 
 
 def data_parallel(cfg, G, D, device):
-    """G and eps_theta wrapped in DistributedDataParallel (each is called once per training step); D only if the
-    method trains it. DDP starts every process from rank 0's weights."""
+    """Join torchrun's process group (nccl on CUDA, else gloo); wrap G and eps_theta (if trained) in DDP."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     if cfg.method in PLUGINS:
         raise ValueError(f"method {cfg.method!r} (a plug-in) trains single-process only: run it without torchrun")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     ids = [device.index] if device.type == "cuda" else None
     return DDP(G, device_ids=ids), (DDP(D, device_ids=ids) if METHODS[cfg.method][0] else D)
 
 
 def pick_precision(precision, device):
-    """(autocast dtype or None, needs GradScaler). auto: bf16 on GPUs that compute in bf16 natively (A100, H100, RTX
-    30xx on: compute capability >= 8), fp16 + GradScaler on older GPUs (T4, V100: "bf16 support" there is an emulation),
-    fp32 on CPU and MPS (autocast would only slow tiny networks down). An explicit choice is honoured on any device."""
+    """The autocast dtype, or None for fp32. auto: bf16 on GPUs that compute in it natively (compute capability >= 8:
+    A100, H100, RTX 30xx on; it needs no loss scaling), else fp32. An explicit choice is honoured on any device."""
     if precision == "auto":
-        precision = ("fp32" if device.type != "cuda" else
-                     "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
-    return {"fp32": (None, False), "bf16": (torch.bfloat16, False),      # fp16 off CUDA: no loss scaling (gradients
-            "fp16": (torch.float16, device.type == "cuda")}[precision]   # can underflow: use bf16 or fp32 on CPU)
+        cuda = device.type == "cuda"
+        precision = "bf16" if cuda and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
 
 
-def fast_path(device, compile=False):
-    """The other switches of the GPU fast path, decided in one place: (switches, note); on CPU all are off (plain fp32).
+def fast_path(device):
+    """The other switches of the GPU fast path, decided in one place; on CPU all are off (plain fp32).
     channels_last:   NHWC activations, the layout tensor-core convolutions want (CUDA only)
     fused_adam:      one kernel for the whole Adam update instead of a few per tensor (CUDA only)
-    cudnn_benchmark: let cuDNN time its convolution algorithms once per shape (patches have one shape)
-    compile:         only if asked (minutes of compiling first), on CUDA with Triton; else False, `note` says why."""
+    cudnn_benchmark: let cuDNN time its convolution algorithms once per shape (patches have one shape)"""
     cuda = device.type == "cuda"
-    note = None
-    if compile and not cuda:
-        note = f"note: compile=True is ignored on {device.type}: torch.compile is used on CUDA only; running eagerly"
-    elif compile and importlib.util.find_spec("triton") is None:
-        note = "note: compile=True is ignored: torch.compile needs Triton, which is not installed; running eagerly"
-    return {"channels_last": cuda, "fused_adam": cuda, "cudnn_benchmark": cuda,
-            "compile": bool(compile) and note is None}, note
+    return {"channels_last": cuda, "fused_adam": cuda, "cudnn_benchmark": cuda}
 
 
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-# The hook for methods from other modules: register_method(name, loss, make_net) adds `name` to METHODS without the
-# diffusion loss; train_step then calls loss(state, data, G, x_syn, y_syn) -> (loss, parts) inside autocast.
-# make_net(cfg), if given, builds its second network (DANN's critic) as state.D: one Adam trains it, checkpoints save.
+# Methods from other modules (baselines.py): register_method(name, loss, make_net) adds `name` to METHODS; train_step
+# calls loss(state, data, G, x_syn, y_syn) -> (loss, parts); make_net(cfg) builds a second network as state.D.
 PLUGINS = {}                          # name -> (loss, make_net)
 
 
@@ -985,8 +907,6 @@ class TrainState:
     opt: torch.optim.Optimizer        # ONE Adam over G and state.D
     step: int = 0
     history: dict = field(default_factory=dict)
-    scaler: object = None             # torch.amp.GradScaler for fp16 on CUDA, else None (fp32 and bf16)
-    gap_mean: torch.Tensor = None     # hinge=auto: running mean of MSE(neg) - MSE(pos), the adaptive margin
 
     @property
     def G_eval(self):
@@ -995,8 +915,7 @@ class TrainState:
 
 
 def init_state(cfg, device, fast=True, G=None):
-    """Fresh networks and optimiser, seeded by cfg.seed. fast=False turns off channels_last and the fused Adam (the
-    benchmark's plain path; same weights). G: a restorer to train instead of RestorerUNet (see RESTORERS)."""
+    """Fresh networks and optimiser, seeded by cfg.seed (fast=False: the bench's plain path; G: a custom restorer)."""
     torch.manual_seed(cfg.seed)
     G_default, D = make_networks(cfg)                                               # same eps_theta init either way
     _, make_net = PLUGINS.get(cfg.method, (None, None))
@@ -1007,18 +926,15 @@ def init_state(cfg, device, fast=True, G=None):
                              "pass start='scratch' with G=")
         load_start(G_default, start_path(cfg.world, cfg.sigma_max) if cfg.start == "shipped" else cfg.start)
     G, D = (G_default if G is None else G).to(device), D.to(device)
-    switches, _ = fast_path(device)
+    switches = fast_path(device)
     if fast and switches["channels_last"]:                                          # faster convs on tensor cores
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     params = list(G.parameters()) + (list(D.parameters()) if METHODS[cfg.method][0] or make_net else [])
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=fast and switches["fused_adam"])
-    _, needs_scaler = pick_precision(cfg.precision, device)                         # fp16: scale the loss up so
-    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None            # small gradients stay nonzero
-    # per log step, then per evaluation (RS methods: is the hinge alive? its active share and mean MSE(neg) - MSE(pos))
-    hist = {k: [] for k in ("step", "loss_res", "loss_dif", "alpha", "hinge", "eval_step", "syn_psnr", "real_psnr",
-                            "diag_cos", "hinge_active_frac", "neg_pos_gap")}
+    hist = {k: [] for k in ("step", "loss_res", "loss_dif", "alpha", "hinge",                  # per log step
+                            "eval_step", "syn_psnr", "real_psnr", "diag_cos", "hinge_active_frac", "neg_pos_gap")}
     return TrainState(cfg, G, copy.deepcopy(G).requires_grad_(False), D,
-                      NoiseSchedule(cfg.T, cfg.beta_start, cfg.beta_end).to(device), opt, 0, hist, scaler=scaler)
+                      NoiseSchedule(cfg.T, cfg.beta_start, cfg.beta_end).to(device), opt, 0, hist)
 
 
 @torch.no_grad()
@@ -1027,18 +943,13 @@ def ema_update(ema, model, decay):
         pe.lerp_(p, 1 - decay)
 
 
-def rs_margin(state):
-    """This step's hinge margin: cfg.margin, or with hinge=auto the running mean of MSE(neg) - MSE(pos) once known."""
-    return state.gap_mean if state.cfg.hinge == "auto" and state.gap_mean is not None else state.cfg.margin
-
-
 def train_step(state, data, gmodels=None):
     """One step of the training algorithm (Algorithm A; B for da_ex; see the module docstring); returns its losses."""
     cfg, s = state.cfg, state
-    G, D = gmodels or (s.G, s.D)                                                    # possibly compiled copies
+    G, D = gmodels or (s.G, s.D)                                                    # DDP-wrapped under torchrun
     uses_diffusion, shuffle, contrast, dif_input, conditions = METHODS[cfg.method]
     device = next(s.G.parameters()).device
-    amp_dtype, _ = pick_precision(cfg.precision, device)
+    amp_dtype = pick_precision(cfg.precision, device)
     # line 1: sample a synthetic pair (the oracle: a real pair) and, independently, an unpaired real image
     x_syn, y_syn = (real_pairs_batch if cfg.method == "oracle" else syn_batch)(data, cfg)  # (B, 3, p, p) each
     with autocast(device, amp_dtype):
@@ -1054,16 +965,13 @@ def train_step(state, data, gmodels=None):
             neg = residual_swap(x_syn, r_syn, x_real, r_real) if contrast else None
             # lines 5-6: noise, shuffle the condition slots (CS), predict the noise, Eq. (1) and (3)
             c_a, c_b = condition_pair(conditions, y_syn_hat, y_real_hat)            # (y_syn_hat, y_real_hat) for DA
-            loss_dif, dparts = diffusion_loss(D, s.schedule, y0, c_a, c_b, neg, shuffle,
-                                              rs_margin(s), (cfg.t_min, cfg.t_max), hinge=cfg.hinge)
+            loss_dif, dparts = diffusion_loss(D, s.schedule, y0, c_a, c_b, neg, shuffle, cfg.margin,
+                                              (cfg.t_min, cfg.t_max))
             alpha = alpha_ramp(s.step, cfg.ramp_frac * cfg.steps, cfg.alpha_max)
             # line 7: the total loss, one backward through G and eps_theta (nothing detached)
             loss = loss_res + alpha * loss_dif
             parts = {"loss_res": loss_res.detach(), "loss_dif": loss_dif.detach(), "alpha": alpha,
                      **({"hinge": dparts["hinge"], "gap": dparts["mse_neg"] - dparts["mse"]} if contrast else {})}
-            if contrast and cfg.hinge == "auto":                                    # on the device: no sync
-                g = parts["gap"].float()
-                s.gap_mean = g if s.gap_mean is None else torch.lerp(s.gap_mean, g, 0.01)
         elif cfg.method in PLUGINS:                                                 # e.g. baselines.py
             loss, parts = PLUGINS[cfg.method][0](s, data, G, x_syn, y_syn)
         else:                                                                       # vanilla and oracle
@@ -1071,13 +979,8 @@ def train_step(state, data, gmodels=None):
             loss, parts = loss_res, {"loss_res": loss_res.detach()}
     # line 8: one optimiser step over both networks, then the EMA of G
     s.opt.zero_grad(set_to_none=True)
-    if s.scaler is None:                                                            # fp32 and bf16
-        loss.backward()
-        s.opt.step()
-    else:                                                                           # fp16: backward on loss * scale,
-        s.scaler.scale(loss).backward()                                             # unscale, skip the step if a
-        s.scaler.step(s.opt)                                                        # gradient overflowed, adapt the
-        s.scaler.update()                                                           # scale (no sync with fused Adam)
+    loss.backward()
+    s.opt.step()
     ema_update(s.G_ema, s.G, min(cfg.ema_decay, (1 + s.step) / (10 + s.step)) if cfg.ema_warmup else cfg.ema_decay)
     s.step += 1
     return parts                        # detached loss tensors: no host sync here, .item() only when logging
@@ -1098,8 +1001,8 @@ def mechanism_diagnostic(state, x_syn, y_syn, x_real, y_real, gamma=None, draws=
         neg = residual_swap(x_syn, r_syn, x_real, r) if contrast else None
         g = None if gamma is None else gamma.expand(x_syn.shape[0])
         c_a, c_b = condition_pair(conditions, x_syn + r_syn, x_real + r)
-        loss, _ = diffusion_loss(D, state.schedule, y_syn, c_a, c_b, neg, shuffle,
-                                 rs_margin(state), (cfg.t_min, cfg.t_max), gamma=g, hinge=cfg.hinge)
+        loss, _ = diffusion_loss(D, state.schedule, y_syn, c_a, c_b, neg, shuffle, cfg.margin, (cfg.t_min, cfg.t_max),
+                                 gamma=g)
         (grad,) = torch.autograd.grad(loss, r, allow_unused=True)
         grad = torch.zeros_like(r) if grad is None else grad                        # "only_syn": R_real unused
         to_clean = (y_real - (x_real + r_real)).flatten(1)                          # (B, 3*H*W)
@@ -1118,7 +1021,7 @@ class DivergenceGuard:
 
     def __init__(self, cfg, device, ckpt=None, saved=None):
         self.cfg, self.ckpt, self.saved = cfg, ckpt, saved                         # saved: step of ckpt on disk
-        self.amp_dtype, _ = pick_precision(cfg.precision, device)
+        self.amp_dtype = pick_precision(cfg.precision, device)
         self.first = torch.zeros((), dtype=torch.long, device=device)             # first bad step (0: none yet)
         self.names, self.values = [], None                                          # values (K,) at that step
 
@@ -1139,58 +1042,39 @@ class DivergenceGuard:
 
     def fail(self, what):
         cause = f"the learning rate is too high (lr={self.cfg.lr:g}; try 10x lower)"
-        if self.amp_dtype is not None:                                              # half precision overflows first
-            cause += f" or {'fp16' if self.amp_dtype == torch.float16 else 'bf16'} precision is too narrow " \
-                     f"(precision={self.cfg.precision}; try --precision fp32)"
+        if self.amp_dtype is not None:                                              # half precision rounds first
+            cause += f" or bf16 precision is too coarse (precision={self.cfg.precision}; try --precision fp32)"
         kept = ("nothing was saved" if self.ckpt is None else
                 f"this run saved nothing to {os.path.dirname(self.ckpt)}" if self.saved is None else
                 f"{self.ckpt} and history.json are kept from step {self.saved}, the last finite evaluation")
         raise TrainingDiverged(f"{what} (not finite). Likely cause: {cause}. Stopped; {kept}.")
 
 
-def setup_line(cfg, data, custom_G=False):
-    """One log line: the synthetic degradation, G's start, and (denoising) an estimate of the real training images'
-    noise beside the synthetic range, so a user sees whether the range covers the real noise."""
-    start = ("a custom G" if custom_G else f"the shipped data/{STARTS[cfg.world, cfg.sigma_max]}" if cfg.start == "shipped"
-             else cfg.start)
-    if cfg.task != "denoise":
-        return f"[{cfg.method}] synthetic: {cfg.task} (TASKS); G starts from {start}"
-    est = float(noise_sigma(data.real_noisy[:256]).median())
-    cover = ("inside the synthetic range" if est <= cfg.sigma_max else
-             "ABOVE the synthetic range: the gap DA is meant to close; --sigma_max 75 (the paper's) would cover it")
-    return (f"[{cfg.method}] synthetic: AWGN sigma <= {cfg.sigma_max:g}/255; G starts from {start}; real training "
-            f"images: noise sigma ~ {est:.1f}/255 (noise_sigma, median), {cover}")
-
-
 def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=None):
-    """Train one method (cfg.method); return its TrainState (with .history). on_eval(state) runs after each evaluation.
-    out:     directory for checkpoint.pt and history.json (written atomically), or None
-    resume:  continue from out/checkpoint.pt if it exists; G: a restorer module to train instead of RestorerUNet"""
+    """Train one method (cfg.method) and return its TrainState (with .history); out: a folder for checkpoint.pt and
+    history.json (resume: continue from it); G: a restorer to train instead of RestorerUNet; on_eval(state): a hook."""
     cfg.validate()
     device = pick_device(cfg.device)
     rank, world = dist_rank()
-    dist_setup(device)
     log = rank0(log)
     data = make_data(cfg, device) if data is None else data.to(device)
     if cfg.method == "oracle" and data.real_clean is None:
         raise ValueError("method 'oracle' trains on real pairs, but the real images have no ground truth: "
                          "give --real-dir in the paired layout (input/ + target/) or use the built-in data")
     state = init_state(cfg, device, G=G)
-    log(setup_line(cfg, data, custom_G=G is not None))
+    start = ("a custom G" if G is not None else f"the shipped data/{STARTS[cfg.world, cfg.sigma_max]}"
+             if cfg.start == "shipped" else cfg.start)
+    log(f"[{cfg.method}] synthetic: " + (f"AWGN sigma <= {cfg.sigma_max:g}/255" if cfg.task == "denoise" else
+                                         f"{cfg.task} (TASKS)") + f"; G starts from {start}")
     ckpt = os.path.join(out, "checkpoint.pt") if out else None
     if resume and ckpt and os.path.exists(ckpt):
         was = load_checkpoint(ckpt, state).get("world_size", 1)
         log(f"resumed from {ckpt} at step {state.step}" + ("" if was == world else
             f" (it was trained by {was} process(es), now {world}: the global batch changes from here on)"))
-    switches, note = fast_path(device, cfg.compile)
-    if note:
-        log(note)
-    if switches["cudnn_benchmark"]:
+    if fast_path(device)["cudnn_benchmark"]:
         torch.backends.cudnn.benchmark = True                                       # fixed patch size: tune once
-    # compiled views share their parameters with state.G and state.D; checkpoints save the raw modules
-    gmodels = (torch.compile(state.G), torch.compile(state.D)) if switches["compile"] else None
-    if world > 1:                                                                   # compile first, then DDP
-        gmodels = data_parallel(cfg, *(gmodels or (state.G, state.D)), device)
+    gmodels = data_parallel(cfg, state.G, state.D, device) if world > 1 else None  # views sharing the parameters
+    if gmodels:
         log(f"[{cfg.method}] data-parallel: {world} processes ({'nccl' if device.type == 'cuda' else 'gloo'}), "
             f"global batch {cfg.batch_size} x {world} = {cfg.batch_size * world} synthetic pairs a step")
     uses_diffusion, _, contrast = METHODS[cfg.method][:3]
@@ -1207,8 +1091,7 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
     for step in range(state.step, cfg.steps):
         parts = train_step(state, data, gmodels)
         terms = {k: v for k, v in parts.items() if torch.is_tensor(v)}               # alpha is a float
-        if state.scaler is None:        # with fp16 loss scaling, inf gradients are normal: the scaler skips them
-            terms["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        terms["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         guard.update(step + 1, terms)
         if contrast:                                                                # on the device: no sync
             rs_stats += torch.stack([(parts["hinge"] > 0).float(), parts["gap"].float(), torch.ones((), device=device)])
@@ -1225,30 +1108,29 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
             eta = (time.time() - t0) / (step + 1 - start) * (cfg.steps - step - 1)
             log(f"[{cfg.method}] step {step + 1}/{cfg.steps} " +
                 " ".join(f"{k} {v:.4g}" for k, v in vals.items()) + f" | eta {eta:.0f}s")
-        if evaluating and rank > 0:                                                 # only rank 0 evaluates
-            if dist_any(False, device):
-                guard.fail(f"rank 0's evaluation at step {step + 1} was not finite")
-            guard.saved = step + 1 if ckpt else None                                # rank 0 saves it now
-        elif evaluating:
-            m = evaluate_pools(state.G_eval, data)
-            if dist_any(not (math.isfinite(m["syn_psnr"]) and math.isfinite(m["real_psnr"])), device):
-                guard.fail(f"evaluation at step {step + 1}: synthetic PSNR {m['syn_psnr']}, "
-                           f"real-like PSNR {m['real_psnr']}")
-            cos = mechanism_diagnostic(state, *diag) if uses_diffusion and diag else float("nan")
-            active, gap = (rs_stats[:2] / rs_stats[2].clamp(min=1)).tolist() if contrast else (float("nan"),) * 2
-            rs_stats.zero_()
-            for k, v in (("eval_step", step + 1), ("syn_psnr", m["syn_psnr"]), ("real_psnr", m["real_psnr"]),
-                         ("diag_cos", cos), ("hinge_active_frac", active), ("neg_pos_gap", gap)):
-                h[k].append(v)
-            log(f"[{cfg.method}] eval @ {step + 1}: synthetic PSNR {m['syn_psnr']:.2f} dB, "
-                f"real-like PSNR {m['real_psnr']:.2f} dB" + ("" if math.isnan(cos) else f", diagnostic cos {cos:+.3f}")
-                + ("" if not contrast else f", hinge active on {active:.0%} of steps (mean gap {gap:.3g})"))
-            if ckpt:
-                save_checkpoint(ckpt, state)
-                atomic_write_text(os.path.join(out, "history.json"), json.dumps(h, indent=1))
-                guard.saved = step + 1
-            if on_eval:                                                             # after the save: out/ exists
-                on_eval(state)
+        if not evaluating:
+            continue
+        m = evaluate_pools(state.G_eval, data) if rank == 0 else None              # only rank 0 evaluates
+        if dist_any(m is not None and not (math.isfinite(m["syn_psnr"]) and math.isfinite(m["real_psnr"])), device):
+            guard.fail(f"evaluation at step {step + 1}: " + (f"synthetic PSNR {m['syn_psnr']}, real-like PSNR "
+                                                               f"{m['real_psnr']}" if m else "rank 0's was not finite"))
+        guard.saved = step + 1 if ckpt else None                                    # rank 0 saves it below
+        if rank > 0:
+            continue
+        cos = mechanism_diagnostic(state, *diag) if uses_diffusion and diag else float("nan")
+        active, gap = (rs_stats[:2] / rs_stats[2].clamp(min=1)).tolist() if contrast else (float("nan"),) * 2
+        rs_stats.zero_()
+        for k, v in (("eval_step", step + 1), ("syn_psnr", m["syn_psnr"]), ("real_psnr", m["real_psnr"]),
+                     ("diag_cos", cos), ("hinge_active_frac", active), ("neg_pos_gap", gap)):
+            h[k].append(v)
+        log(f"[{cfg.method}] eval @ {step + 1}: synthetic PSNR {m['syn_psnr']:.2f} dB, "
+            f"real-like PSNR {m['real_psnr']:.2f} dB" + ("" if math.isnan(cos) else f", diagnostic cos {cos:+.3f}")
+            + ("" if not contrast else f", hinge active on {active:.0%} of steps (mean gap {gap:.3g})"))
+        if ckpt:
+            save_checkpoint(ckpt, state)
+            atomic_write_text(os.path.join(out, "history.json"), json.dumps(h, indent=1))
+        if on_eval:                                                             # after the save: out/ exists
+            on_eval(state)
     return state
 
 
@@ -1262,11 +1144,6 @@ def atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
-def raw_module(model):
-    """The module itself, also inside a torch.compile wrapper (whose state dict prefixes each key with '_orig_mod.')."""
-    return getattr(model, "_orig_mod", model)
-
-
 def write_checkpoint(path, state, **entries):
     """Write state's config, step and history plus `entries` to a temporary file, then rename (never a broken file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1278,12 +1155,10 @@ def write_checkpoint(path, state, **entries):
 
 
 def save_checkpoint(path, state):
-    """Everything a resume needs; networks are saved unwrapped (raw_module), so keys never carry compile prefixes."""
-    write_checkpoint(path, state, restorer=raw_module(state.G).state_dict(),
-                     restorer_ema=raw_module(state.G_ema).state_dict(), denoiser=raw_module(state.D).state_dict(),
-                     optimizer=state.opt.state_dict(), rng_cpu=torch.get_rng_state(), world_size=dist_rank()[1],
-                     **({"gap_mean": state.gap_mean} if state.gap_mean is not None else {}),
-                     **({"scaler": state.scaler.state_dict()} if state.scaler is not None else {}))  # fp16 only
+    """Everything a resume needs: the networks themselves (never their DDP wrappers), the optimiser, the RNG."""
+    write_checkpoint(path, state, restorer=state.G.state_dict(), restorer_ema=state.G_ema.state_dict(),
+                     denoiser=state.D.state_dict(),
+                     optimizer=state.opt.state_dict(), rng_cpu=torch.get_rng_state(), world_size=dist_rank()[1])
 
 
 def read_checkpoint(path):
@@ -1305,12 +1180,12 @@ def config_from_dict(d):
 
 
 # a resume continues the same run: it may run longer, at another learning rate, report differently or elsewhere
-RESUME_MAY_CHANGE = ("steps", "lr", "eval_every", "log_every", "device", "precision", "compile")
+RESUME_MAY_CHANGE = ("steps", "lr", "eval_every", "log_every", "device", "precision")
 
 
 def load_checkpoint(path, state):
-    """Restore a TrainState in place (for resuming) and return the checkpoint; a config that differs in other fields
-    is an error. A data-parallel run's checkpoint resumes under any number of processes (torchrun or none)."""
+    """Restore a TrainState in place to resume (under any number of processes); other settings than RESUME_MAY_CHANGE
+    are an error. Returns the checkpoint."""
     blob = read_checkpoint(path)
     was = blob["config"]
     now = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(state.cfg).items()}
@@ -1319,15 +1194,11 @@ def load_checkpoint(path, state):
                          f"but this run has {', '.join(f'{k}={now[k]!r}' for k in changed)}; use the same settings "
                          "or another output folder")
     for net, key in ((state.G, "restorer"), (state.G_ema, "restorer_ema"), (state.D, "denoiser")):
-        raw_module(net).load_state_dict(blob[key])
+        net.load_state_dict(blob[key])
     state.opt.load_state_dict(blob["optimizer"])
     for group in state.opt.param_groups:                                            # this run's lr, not the saved one
         group["lr"] = state.cfg.lr
-    if state.scaler is not None and blob.get("scaler"):                            # resume the fp16 loss scale
-        state.scaler.load_state_dict(blob["scaler"])
     state.step, state.history = blob["step"], blob["history"]
-    gap = blob.get("gap_mean")
-    state.gap_mean = None if gap is None else gap.to(next(state.G.parameters()).device)
     torch.set_rng_state(blob["rng_cpu"])
     return blob
 
@@ -1381,8 +1252,7 @@ def rgb_to_y(x):
 
 
 def quantize_8bit(x):
-    """Round [0, 1] images to the 256 levels of an 8-bit file, as write_image does; scores are taken on these, as in
-    the field (SIDD benchmark, BasicSR): saved files are 8-bit, and float outputs score 0.1 dB+ apart at high PSNR."""
+    """Round [0, 1] images to 8 bits, as saved files are: scores are taken on these (as SIDD's benchmark, BasicSR)."""
     return (x.clamp(0, 1) * 255).round() / 255
 
 
@@ -1408,17 +1278,6 @@ def ssim(x, y, y_channel=False):
     c1, c2 = 0.01 ** 2, 0.03 ** 2                                                   # K1, K2; data range 1
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)
-
-
-@torch.no_grad()
-def noise_sigma(x):
-    """Blind estimate of each image's noise level, in 0-255 units: the median absolute deviation of the finest diagonal
-    Haar band over 0.6745 (Donoho's rule), the channels averaged. x: (B, 3, H, W) -> (B,). Edges barely move a median,
-    so clean detail reads as a few units; noise that is smooth across neighbouring pixels (demosaiced camera noise)
-    reads low, since this band sees only its finest scale."""
-    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2].float()
-    hh = (x[..., ::2, ::2] - x[..., ::2, 1::2] - x[..., 1::2, ::2] + x[..., 1::2, 1::2]) / 2   # (B, 3, H/2, W/2)
-    return 255 * (hh.flatten(2).abs().median(-1).values / 0.6745).mean(1)
 
 
 @torch.no_grad()
@@ -1448,10 +1307,12 @@ def identity_metrics(data):
 # ----------------------------------------------------------------------------------------------------------
 # The demo: vanilla vs DA vs oracle on the same built-in data
 # ----------------------------------------------------------------------------------------------------------
+DEMO = dict(steps=300, eval_every=0, log_every=100)   # the demo's protocol under cpu-demo (about 3 min on 2 CPU cores)
+
+
 def demo(cfg, out="runs/demo", log=print):
     """Train vanilla, DA and the oracle on the same built-in data; print and return the comparison, save it to out/."""
-    t0 = time.time()
-    device = pick_device(cfg.device)
+    t0, device = time.time(), pick_device(cfg.device)
     os.makedirs(out, exist_ok=True)
     # DA's numbers depend on float rounding, which depends on the thread count and the CPU's kernels (bench.py --repro)
     machine = {"torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -1461,7 +1322,6 @@ def demo(cfg, out="runs/demo", log=print):
     data = make_data(cfg, device)
     results = {"config": dataclasses.asdict(cfg), "device": str(device), "machine": machine,
                "identity": identity_metrics(data)}
-    log(f"start: {cfg.start}" + (f" ({start_path(cfg.world, cfg.sigma_max)})" if cfg.start == "shipped" else ""))
     results["start"] = {"start": cfg.start, **evaluate_pools(init_state(cfg, device).G_eval, data)}
     models = {}
     for method in ("vanilla", "da", "oracle"):
@@ -1483,10 +1343,9 @@ def demo(cfg, out="runs/demo", log=print):
 
 def results_table(r):
     rows = [("identity (input)", r["identity"]), (f"start ({r['start']['start']})", r["start"])]
-    rows += [(m, r[m]) for m in ("vanilla", "da", "oracle")]
-    lines = [f"{'method':18s} {'syn PSNR':>9s} {'syn SSIM':>9s} {'real PSNR':>10s} {'real SSIM':>10s}"]
-    for name, m in rows:
-        lines.append(f"{name:18s} {m['syn_psnr']:9.2f} {m['syn_ssim']:9.4f} {m['real_psnr']:10.2f} {m['real_ssim']:10.4f}")
+    lines = [f"{'method':18s} {'syn PSNR':>9s} {'syn SSIM':>9s} {'real PSNR':>10s} {'real SSIM':>10s}"] + [
+        f"{name:18s} {m['syn_psnr']:9.2f} {m['syn_ssim']:9.4f} {m['real_psnr']:10.2f} {m['real_ssim']:10.4f}"
+        for name, m in rows + [(k, r[k]) for k in ("vanilla", "da", "oracle")]]
     lines.append(f"DA - vanilla on real-like: {r['da_gain_real_db']:+.2f} dB; gap closed {r['gap_closed']:+.2f} "
                  f"(DA synthetic change {r['da_syn_change_db']:+.2f} dB; diagnostic cos {r['diag_cos_final']:+.3f}; "
                  f"RS hinge active on {r['da']['hinge_active_frac']:.0%} of DA's steps)")
@@ -1516,9 +1375,7 @@ def save_comparison_figure(path, data, models, n=4):
         for i in range(n):
             show_image(axes[i, j], imgs[i], ref=None if title == "ground truth" else y[i],
                        title=title if i == 0 else None)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.tight_layout(), fig.savefig(path, dpi=100), plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1550,8 +1407,7 @@ def field_comments():
 
 
 def config_parser(prog, description):
-    """An argparse parser with --preset and one --field flag per Config field (the harness adds its own flags). Each
-    flag's help is the field's comment; parse_args adds its default under the chosen preset."""
+    """An argparse parser with --preset and one --field flag per Config field, each helped by the field's comment."""
     p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description)
     p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="starting config (default cpu-demo); "
                    "the defaults below follow it: --preset paper --help lists the paper's")
@@ -1601,15 +1457,10 @@ def report_divergence(prog, e):
     return 1
 
 
-# the commands of the harness modules, for a user who looks for them here
-MOVED = {"--experiment": "python experiments.py NAME", "--bench": "python bench.py",
-         "--make-start": "python experiments.py --make-start", "train": "python folders.py train",
-         "restore": "python folders.py restore", "evaluate": "python folders.py evaluate"}
-
-
 def build_parser():
     p = config_parser("dada_min.py", "Denoising as Adaptation (ICLR 2025), minimal implementation. Without "
-                      "--demo: train one method (--method) on built-in data.")
+                      "--demo: train one method (--method) on built-in data. Own images: folders.py; the paper's "
+                      "experiments: experiments.py; throughput: bench.py.")
     p.add_argument("--demo", action="store_true", help="train vanilla, DA and oracle; print the table")
     p.add_argument("--out", default=None, help="output directory (demo default: runs/demo)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -1618,14 +1469,10 @@ def build_parser():
 
 def main(argv=None):
     """The demo, or one training run on built-in data. Bad flags or values: an argparse error (exit status 2)."""
-    argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
-    for word, command in MOVED.items():
-        if any(a == word or a.startswith(word + "=") for a in argv):
-            p.error(f"{word} is not part of dada_min.py: run `{command}` (see the README)")
     args = parse_args(p, argv)
     try:
-        cfg = parse_config(args)
+        cfg = parse_config(args, base=DEMO if args.demo and args.preset == "cpu-demo" else None)
     except ValueError as e:
         p.error(str(e))
     if args.demo and dist_rank()[1] > 1:

@@ -7,8 +7,10 @@ each. They import dada_min (the method) and never the other way round.
     python experiments.py shortcut     # Fig. 2: joint training with and without the two tricks
     python experiments.py effect       # when does DA close the vanilla -> oracle gap? (docs/effect.md)
     python experiments.py worlds [--photos DIR]   # statistics of the built-in clean worlds (vs photographs)
+    python experiments.py phone_world  # the phone world's selection by statistics (docs/effect.md)
     python experiments.py world_effect # vanilla / DA / oracle on each of those worlds, 3 seeds (docs/effect.md)
     python experiments.py regime_map   # helps / idles / destroys per world and domain, 3 seeds (docs/effect.md)
+    python experiments.py axis --photos DIR [--photos DIR ...]   # DA - vanilla against clean hf, photos and worlds
     python experiments.py NAME --quick # a seconds-long run (what the tests use); --field value as dada_min.py
     python experiments.py --make-start # retrain the shipped converged starts data/start-*.pt
 
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 
 import baselines  # noqa: F401  (registers the methods "dann" and "pixel_da" used by compare)
 import dada_min as dm
+import folders
+from folders import box5, clean_stats, luma, spectrum_slope  # noqa: F401  (the image statistics live there)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -440,11 +444,6 @@ GAP_LEVELS = (0.99999, 0.9999, 0.999, 0.99, 0.95, 0.7, 0.3, 0.05)   # ... and th
 VAL_SEED = 100                          # the validation pool: seed 100's built-in data, used by no reported run
 
 
-def box5(x):
-    """5x5 box blur with replicate padding: the low-pass reference of the two high-frequency tools below."""
-    return F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
-
-
 def hf_ratio(x, clean):
     """Energy of the high frequencies, x - box5(x), of images x relative to that of their clean targets:
     1 is as sharp as clean, > 1 leaves noise behind, < 1 is smoother than clean. (B, C, H, W) -> float."""
@@ -522,20 +521,10 @@ def contrast_gap_by_gamma(state, data, draws=16):
     return out
 
 
-def effect_variants(live):
-    """The rows of `python experiments.py effect`: label -> config overrides. live: the (hinge, margin) of the
-    'DA, live hinge' row, chosen on the validation pool (select_live_hinge)."""
-    return {"vanilla": dict(method="vanilla"),
-            "da": dict(method="da"),                                                 # the official hinge, 0.1
-            "da_live": dict(method="da", hinge=live[0], margin=live[1]),
-            "no_contrast": dict(method="no_contrast"),
-            "only_real": dict(method="only_real"),
-            "oracle": dict(method="oracle")}
-
-
-# Pre-registered candidates for the live RS hinge (see docs/effect.md): a batch hinge whose margin follows
-# the measured gap, and the per-sample x0 hinge at two margins.
-LIVE_CANDIDATES = (("auto", 0.1), ("x0", 1e-3), ("x0", 1e-2))
+# The rows of `python experiments.py effect`: label -> config overrides. (Until the opt-in RS hinges were removed, a
+# "da_live" row also trained DA with a hinge chosen on a validation pool; docs/effect.md keeps what it measured.)
+EFFECT_ROWS = {"vanilla": dict(method="vanilla"), "da": dict(method="da"), "no_contrast": dict(method="no_contrast"),
+               "only_real": dict(method="only_real"), "oracle": dict(method="oracle")}
 
 
 def run_variant(cfg, data, draws=64, log=lambda s: None):
@@ -555,53 +544,25 @@ def run_variant(cfg, data, draws=64, log=lambda s: None):
     return m
 
 
-def select_live_hinge(cfg, domain="white", log=print):
-    """The selection rule, fixed before any test-pool run: on the validation pool (VAL_SEED), train vanilla
-    and DA with each LIVE_CANDIDATES hinge; keep the candidate with the highest real-like PSNR among those
-    whose synthetic PSNR is within 0.2 dB of vanilla's (if none is, the highest real-like PSNR).
-    Returns (choice, table)."""
-    c = dataclasses.replace(cfg, seed=VAL_SEED, real_noise=domain, sigma_max=None, start="auto").validate()
-    data = dm.make_data(c, dm.pick_device(c.device))
-    base = dm.evaluate_pools(dm.train(dataclasses.replace(c, method="vanilla"), data, log=lambda s: None).G_eval, data)
-    rows = []
-    for hinge, margin in LIVE_CANDIDATES:
-        m = dm.evaluate_pools(dm.train(dataclasses.replace(c, method="da", hinge=hinge, margin=margin), data,
-                                 log=lambda s: None).G_eval, data)
-        rows.append({"hinge": hinge, "margin": margin, "real_psnr": m["real_psnr"], "syn_psnr": m["syn_psnr"],
-                     "syn_ok": m["syn_psnr"] >= base["syn_psnr"] - 0.2})
-        log(f"[select] {hinge} margin {margin:g}: validation real {m['real_psnr']:.2f} syn {m['syn_psnr']:.2f} "
-            f"(vanilla {base['real_psnr']:.2f} / {base['syn_psnr']:.2f})")
-    pool = [r for r in rows if r["syn_ok"]] or rows
-    best = max(pool, key=lambda r: r["real_psnr"])
-    return (best["hinge"], best["margin"]), {"vanilla": base, "candidates": rows}
-
-
 @experiment(size=dict(steps=600, eval_every=100, log_every=300),
             quick=dict(steps=6, eval_every=3, log_every=6))
-def exp_effect(cfg, out, quick, log=print, domains=None, live=None):
+def exp_effect(cfg, out, quick, log=print, domains=None):
     """Does noise-space adaptation help at this scale, and when? For each built-in denoising domain (white:
     the paper's failure mode, camera: the counter-case) and seed, all rows continue from the same start (the
-    shipped converged restorer where one fits) for the same steps: vanilla, DA (official hinge), DA with a
-    live hinge (chosen on the validation pool), no contrast (CS only), only real, oracle. Before any
-    training, the shrinkage test on the start predicts the sign. Writes out/effect.json and out/effect.png.
-    domains: a subset of the built-in domains (default: all); live: a (hinge, margin) chosen earlier by
-    select_live_hinge, which is then not run again (both serve to split the run over processes)."""
+    shipped converged restorer where one fits) for the same steps: EFFECT_ROWS. Before any training, the
+    shrinkage test on the start predicts the sign. Writes out/effect.json and out/effect.png.
+    domains: a subset of the built-in domains (default: all; a subset serves to split the run over processes)."""
     t0, c0, device = begin(cfg, out)
     seeds = exp_seeds(cfg, quick)
-    if live is not None or quick:
-        live, selection = tuple(live or LIVE_CANDIDATES[-1]), None
-    else:
-        live, selection = select_live_hinge(cfg, log=log)
-    variants = effect_variants(live)
-    res = {"experiment": "effect", "seeds": seeds, "config": dataclasses.asdict(cfg), "live_hinge": list(live),
-           "selection": selection, "domains": {}}
+    variants = EFFECT_ROWS
+    res = {"experiment": "effect", "seeds": seeds, "config": dataclasses.asdict(cfg), "domains": {}}
     for domain in domains or dm.TASKS["denoise"]["real"]:
         runs, pred = {v: [] for v in variants}, []
         for seed in seeds:
             c = dataclasses.replace(cfg, seed=seed, real_noise=domain, sigma_max=None, start="auto").validate()
-            if not quick and c.sigma_max in dm.STARTS and not os.path.isfile(dm.start_path(c.sigma_max)):
-                raise FileNotFoundError(f"no shipped start for {domain} (sigma_max {c.sigma_max:g}) at "
-                                        f"{dm.start_path(c.sigma_max)}: run `python experiments.py --make-start`")
+            if not quick and c.start == "scratch":
+                raise FileNotFoundError(f"no shipped start for world {c.world}, sigma_max {c.sigma_max:g}: run "
+                                        f"`python experiments.py --make-start --world {c.world}`")
             data = dm.make_data(c, device)
             G0 = dm.init_state(c, device).G_eval.eval()                                 # the start every row shares
             y0 = dm.restore(G0, data.test_real_noisy)
@@ -636,7 +597,7 @@ def exp_effect(cfg, out, quick, log=print, domains=None, live=None):
     # 0.2 dB of vanilla; on camera DA stays within 0.1 dB of vanilla
     checks = {"white": lambda s: s["gap_closed"]["mean"] >= 0.4 and abs(s["syn_change_db"]["mean"]) <= 0.2,
               "camera": lambda s: abs(s["real_gain_db"]["mean"]) <= 0.1}
-    res["targets"] = {d: {v: checks[d](r["summary"][v]) for v in ("da", "da_live")}
+    res["targets"] = {d: {v: checks[d](r["summary"][v]) for v in ("da",)}
                       for d, r in res["domains"].items() if d in checks}
     log("\n" + effect_table(res))
     _plot_effect(os.path.join(out, "effect.png"), res)
@@ -645,8 +606,7 @@ def exp_effect(cfg, out, quick, log=print, domains=None, live=None):
 
 def effect_table(res):
     """The effect experiment as a Markdown table (the README's table is this output)."""
-    lines = [f"live hinge: {res['live_hinge'][0]}, margin {res['live_hinge'][1]:g} (chosen on the validation pool); "
-             f"mean ± std over seeds {res['seeds']}"]
+    lines = [f"mean ± std over seeds {res['seeds']}"]
     for d, r in res["domains"].items():
         p = r["prediction"]
         lines += ["", f"**{d}**: start real {fmt(p['start_real_psnr'])} dB, syn {fmt(p['start_syn_psnr'])} dB, "
@@ -679,42 +639,9 @@ def _plot_effect(path, res):
 # ----------------------------------------------------------------------------------------------------------
 # Clean-image worlds: how far is the built-in world from photographs, at the scale the networks see?
 # ----------------------------------------------------------------------------------------------------------
-# A restorer trained on 32 px crops sees only what a 32 px crop holds. Three statistics of clean crops, each
-# compared with tiles of photographs (`python experiments.py worlds --photos DIR`; no photograph is shipped):
-#   hf:    energy of x - box5(x), the same high-pass band as hf_ratio: how much of a crop is edges and texture
-#   edges: share of pixels whose luma gradient (central differences) exceeds 0.1 per pixel
-#   slope: slope of the radially averaged power spectrum of the luma on log-log axes (natural images: about -2)
-def luma(x):
-    return (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-
-
-def spectrum_slope(x):
-    """Mean over images of the log-log slope of the radially averaged power spectrum of luma(x), fitted between 2 and
-    n/2 cycles per image (n: the side; the mean and the lowest frequency are left out). x: (B, 3, n, n)."""
-    y = luma(x)[:, 0]
-    y = y - y.mean((1, 2), keepdim=True)
-    n = y.shape[-1]
-    power = torch.fft.fft2(y).abs() ** 2                                          # (B, n, n)
-    f = torch.fft.fftfreq(n) * n
-    r = torch.sqrt(f.view(-1, 1) ** 2 + f.view(1, -1) ** 2).round().long()        # radius in cycles per image
-    radii = torch.arange(2, n // 2 + 1)
-    radial = torch.stack([power[:, r == k].mean(1) for k in radii], 1)            # (B, K)
-    lx, ly = torch.log(radii.float()), torch.log(radial.clamp(min=1e-20))
-    lx = lx - lx.mean()
-    return float(((ly - ly.mean(1, keepdim=True)) * lx).sum(1).div((lx ** 2).sum()).mean())
-
-
-def clean_stats(x, crop=32):
-    """The three statistics of clean images x (B, 3, H, W), measured on their centre crops of `crop` px."""
-    top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
-    x = x[..., top:top + crop, left:left + crop]
-    y = luma(x)
-    gy, gx = y[..., 2:, 1:-1] - y[..., :-2, 1:-1], y[..., 1:-1, 2:] - y[..., 1:-1, :-2]   # central differences
-    grad = torch.sqrt(gx ** 2 + gy ** 2) / 2
-    return {"hf": float(((x - box5(x)) ** 2).mean()), "edges": float((grad > 0.1).float().mean()),
-            "slope": spectrum_slope(x)}
-
-
+# A restorer trained on 32 px crops sees only what a 32 px crop holds: folders.clean_stats measures three statistics of
+# clean crops (hf, edges, slope), compared here with tiles of photographs (`python experiments.py worlds --photos DIR`;
+# no photograph is shipped).
 def defocus(x, sigma):
     """A Gaussian defocus of sigma px (the blur of a lens focused elsewhere)."""
     return dm.blur(x, dm.gaussian_kernels(torch.full((x.shape[0],), sigma), int(2 * math.ceil(3 * sigma) + 1)))
@@ -735,15 +662,15 @@ CLEAN_VARIANTS = {
 
 
 @experiment(size=dict(image_size=48, patch_size=32), quick=dict())
-def exp_worlds(cfg, out, quick, log=print, photos=None):
-    """Statistics of each built-in clean world (CLEAN_VARIANTS) and, with --photos DIR, of 48 px tiles of photographs."""
+def exp_worlds(cfg, out, quick, log=print, photos=()):
+    """Statistics of each built-in clean world (CLEAN_VARIANTS) and, with --photos DIR (repeatable), of 48 px tiles of
+    photographs."""
     t0, c0, _ = begin(cfg, out)
     n = 32 if quick else 256
     pools = {name: fn(n, cfg.image_size, torch.Generator().manual_seed(cfg.seed)) for name, fn in CLEAN_VARIANTS.items()}
-    if photos:
-        import folders
-        pools[f"photographs ({os.path.basename(os.path.normpath(photos))})"] = folders.folder_tiles(
-            photos, cfg.image_size, torch.Generator().manual_seed(cfg.seed), log=log)
+    for folder in photos:
+        pools[f"photographs ({os.path.basename(os.path.normpath(folder))})"] = folders.folder_tiles(
+            folder, cfg.image_size, torch.Generator().manual_seed(cfg.seed), log=log)
     stats = {name: clean_stats(x, cfg.patch_size) for name, x in pools.items()}
     ref = stats[next(iter(stats))] if not photos else stats[list(stats)[-1]]
     log(f"\n{'clean world':34s} {'hf':>8s} {'edges':>7s} {'slope':>7s}   (crops of {cfg.patch_size} px; "
@@ -813,6 +740,75 @@ def exp_world_effect(cfg, out, quick, log=print):
     return finish("world_effect", out, results, t0, c0, log)
 
 
+# The phone world (docs/effect.md, "The phone world and the smoothness axis"): the targets are the clean_stats of the
+# ground truths of three real-noise photograph sets (measured with the folder commands; no photograph is shipped), and
+# the rule below, fixed before any DA run on a candidate, picks the generator by statistics alone.
+PHONE_TARGETS = {"SIDD (phone)": (0.00012, 0.006, -2.32), "PolyU (DSLR)": (0.00032, 0.017, -2.90),
+                 "Nam / CC (DSLR)": (0.00024, 0.017, -2.86)}                       # (hf, edges, slope)
+PHONE_RULE = {"hf": (0.0001, 0.0004), "edges": (0.0048, 0.021), "slope": (-3.2, -2.0), "luma_std": (0.04, 1.0)}
+PHONE_CENTRE = (0.00021, 0.012, -2.69)   # geometric means of the targets' hf and edges, mean of their slopes
+
+
+def phone_rule(st):
+    """(qualifies, distance to PHONE_CENTRE) of a candidate's statistics under the phone world's selection rule."""
+    ok = all(lo <= st[k] <= hi for k, (lo, hi) in PHONE_RULE.items())
+    hf, edges, slope = PHONE_CENTRE
+    dist = abs(math.log(st["hf"] / hf)) + abs(math.log(max(st["edges"], 1e-9) / edges)) + abs(st["slope"] - slope) / 0.3
+    return ok, dist
+
+
+def upsampled(clean, k):
+    """The world `clean` rendered at 1/k of the size and upsampled k x (bicubic): the same scene with k x finer pixels."""
+    return lambda n, s, g: F.interpolate(clean(n, math.ceil(s / k), g), scale_factor=k, mode="bicubic",
+                                         align_corners=False)[..., :s, :s].clamp(0, 1)
+
+
+def phone_candidates(quick=False):
+    """name -> clean(n, size, gen): the pre-registered grid of soft_leaves settings and the upsampled natural world."""
+    grid = [(100, 14.0, 1.0, 2.0, 0.02)] if quick else [
+        (n, r, c, s, t) for n in (20, 40, 100) for r in (6.0, 10.0, 14.0) for c in (0.5, 0.7, 1.0)
+        for s in (1.2, 1.6, 2.0, 2.5) for t in (0.02, 0.04, 0.06)]
+    cands = {f"phone_leaves n {n} r {r:g} c {c:g} lens {s:g} texture {t:g}":
+             (lambda n_, r_, c_, s_, t_: lambda k, size, g: dm.soft_leaves(k, size, g, n_, r_, c_, s_, t_))(n, r, c, s, t)
+             for n, r, c, s, t in grid}
+    for k in (3,) if quick else (2, 3, 4):
+        cands[f"natural upsampled x{k}"] = upsampled(dm.natural_leaves, k)
+    return cands
+
+
+@experiment(size=dict(image_size=48, patch_size=32), quick=dict(image_size=48, patch_size=32))
+def exp_phone_world(cfg, out, quick, log=print):
+    """The phone world's selection (docs/effect.md): clean_stats and the luma contrast of every candidate
+    (phone_candidates), the rule (phone_rule), the chosen one, and a figure of it beside the natural world."""
+    t0, c0, _ = begin(cfg, out)
+    n = 32 if quick else 256
+    rows = {}
+    for name, fn in phone_candidates(quick).items():
+        x = fn(n, cfg.image_size, torch.Generator().manual_seed(cfg.seed))
+        st = {**clean_stats(x, cfg.patch_size), "luma_std": float(luma(x).std((2, 3)).mean())}
+        rows[name] = {**st, **dict(zip(("qualifies", "distance"), phone_rule(st)))}
+    ranked = sorted(rows, key=lambda k: (not rows[k]["qualifies"], rows[k]["distance"]))
+    chosen = ranked[0] if rows[ranked[0]]["qualifies"] else None
+    log(f"\n{'candidate':52s} {'hf':>8s} {'edges':>7s} {'slope':>6s} {'luma sd':>7s} {'ok':>3s} {'dist':>5s}")
+    for name in ranked[:12] + [k for k in ranked[12:] if k.startswith("natural")]:
+        r = rows[name]
+        log(f"{name:52s} {r['hf']:8.5f} {r['edges']:7.4f} {r['slope']:6.2f} {r['luma_std']:7.3f} "
+            f"{'yes' if r['qualifies'] else 'no':>3s} {r['distance']:5.2f}")
+    log(f"{sum(r['qualifies'] for r in rows.values())} of {len(rows)} candidates qualify; chosen: {chosen}")
+    plt = pyplot()
+    shown = {"phone (chosen)": phone_candidates(quick)[chosen] if chosen else None, "natural": dm.natural_leaves}
+    fig, axes = plt.subplots(2, 6, figsize=(9, 3.4))
+    for i, (label, fn) in enumerate(shown.items()):
+        x = fn(6, cfg.image_size, torch.Generator().manual_seed(cfg.seed)) if fn else torch.zeros(6, 3, 8, 8)
+        for j in range(6):
+            dm.show_image(axes[i, j], x[j])
+        axes[i, 0].set_ylabel(label, fontsize=8)
+    save_figure(fig, os.path.join(out, "phone_world.png"), dpi=80)
+    return finish("phone_world", out, {"experiment": "phone_world", "config": dataclasses.asdict(cfg),
+                                       "targets": PHONE_TARGETS, "rule": PHONE_RULE, "centre": PHONE_CENTRE,
+                                       "candidates": rows, "chosen": chosen}, t0, c0, log)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The regime map: when does the noise-space loss help, idle or destroy? (docs/effect.md, pre-registered)
 # ----------------------------------------------------------------------------------------------------------
@@ -858,6 +854,14 @@ def regime_claims(cells):
     if pairs:
         out["M5: natural gains more than dead-leaves on every domain"] = all(
             gain("natural", d) > gain("dead-leaves", d) for d in pairs)
+    if c("phone", "white"):                                                         # the phone world's rows
+        pw = c("phone", "white")
+        out["P1: phone x white: DA - vanilla >= +1 dB, gap closed >= 0.40, syn within 0.5 dB"] = bool(
+            pw["da_gain_real_db"]["mean"] >= 1 and pw["gap_closed"]["mean"] >= 0.4 and pw["da_syn_change_db"]["mean"] >= -0.5)
+        if c("natural", "white"):
+            out["P3: phone x white gains more than natural x white"] = gain("phone", "white") > gain("natural", "white")
+    if cells.get("phone | camera (σ ≤ 15)"):
+        out["P2: phone x camera (sigma <= 15) helps"] = cells["phone | camera (σ ≤ 15)"]["regime"] == "helps"
     return out
 
 
@@ -900,10 +904,22 @@ def regime_figure(path, results):
     save_figure(fig, path)
 
 
+# (world, real-like domain, synthetic sigma_max or None for the domain's own range): the map's cells, in order. The phone
+# world's camera cell keeps sigma <= 15, so the camera noise lies above the synthetic range, as phone noise does.
+REGIME_CELLS = [(w, d, None) for w in ("natural", "dead-leaves") for d in ("white", "camera", "correlated")] + [
+    ("phone", "white", None), ("phone", "camera", 15.0)]
+PER_CELL = ("world", "real_noise", "sigma_max", "start")  # config fields each cell sets itself
+
+
+def cell_key(world, domain, sigma_max):
+    own = sigma_max is None or sigma_max == dm.TASKS["denoise"]["sigma_max"][domain]
+    return f"{world} | {domain}" + ("" if own else f" (σ ≤ {sigma_max:g})")
+
+
 @experiment(size=dict(steps=400, eval_every=0, log_every=200), quick=dict(steps=4, eval_every=0, log_every=4))
-def exp_regime_map(cfg, out, quick, log=print, worlds=("natural", "dead-leaves"), domains=None):
-    """The regime map of docs/effect.md: per clean world and built-in denoising domain, vanilla, DA and the oracle
-    from the shipped start of that world and the domain's synthetic range, seeds cfg.seed.. (3; 1 with --quick),
+def exp_regime_map(cfg, out, quick, log=print, cells=None):
+    """The regime map of docs/effect.md: per cell of REGIME_CELLS (or `cells`), vanilla, DA and the oracle
+    from the shipped start of that world and synthetic range, seeds cfg.seed.. (3; 1 with --quick),
     each cell judged helps / idles / destroys (REGIME_DB), with the HF ratio, the octave-band errors and vanilla's
     share of the oracle's gain. Writes out/regime_map.json after every cell (a rerun with the same settings skips
     the cells it holds), out/regime_map.md (the table) and out/regime_map.png."""
@@ -912,33 +928,33 @@ def exp_regime_map(cfg, out, quick, log=print, worlds=("natural", "dead-leaves")
     results = {"experiment": "regime_map", "config": dataclasses.asdict(cfg), "seeds": seeds, "cells": {}}
     if os.path.isfile(path):
         old = json.load(open(path))
-        if (old.get("config"), old.get("seeds")) == (json.loads(json.dumps(results["config"])), seeds):
+        same = lambda c: {k: v for k, v in c.items() if k not in PER_CELL}                # noqa: E731
+        if (same(old.get("config", {})), old.get("seeds")) == (same(json.loads(json.dumps(results["config"]))), seeds):
             results["cells"] = old["cells"]
             log(f"[regime_map] {len(old['cells'])} cell(s) kept from {path}")
-    for world in worlds:
-        for domain in domains or dm.TASKS["denoise"]["real"]:
-            key = f"{world} | {domain}"
-            if key in results["cells"]:
-                continue
-            runs, identity = {m: [] for m in ("vanilla", "da", "oracle")}, []
-            for seed in seeds:
-                c = dataclasses.replace(cfg, seed=seed, world=world, real_noise=domain, sigma_max=None,
-                                        start="auto").validate()
-                if not quick and not os.path.isfile(dm.start_path(world, c.sigma_max)):
-                    raise FileNotFoundError(f"no shipped start for world {world}, sigma_max {c.sigma_max:g} at "
-                                            f"{dm.start_path(world, c.sigma_max)}: run `python experiments.py "
-                                            f"--make-start --world {world}`")
-                data = dm.make_data(c, device)
-                identity.append(dm.identity_metrics(data)["real_psnr"])
-                for m in runs:
-                    state = dm.train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
-                    runs[m].append(scored(state.G_eval, data))
-            results["cells"][key] = cell = map_cell(runs, identity)
-            log(f"[regime_map] {key}: DA - vanilla {fmt(cell['da_gain_real_db'])} dB ({cell['regime']}), gap closed "
-                f"{fmt(cell['gap_closed'])}, synthetic change {fmt(cell['da_syn_change_db'])} dB  "
-                f"({time.time() - t0:.0f} s)")
-            results["claims"] = regime_claims(results["cells"])
-            dm.atomic_write_text(path, json.dumps(results, indent=1))
+    for world, domain, sigma_max in cells or REGIME_CELLS:
+        key = cell_key(world, domain, sigma_max)
+        if key in results["cells"]:
+            continue
+        runs, identity = {m: [] for m in ("vanilla", "da", "oracle")}, []
+        for seed in seeds:
+            c = dataclasses.replace(cfg, seed=seed, world=world, real_noise=domain, sigma_max=sigma_max,
+                                    start="auto").validate()
+            if not quick and not os.path.isfile(dm.start_path(world, c.sigma_max)):
+                raise FileNotFoundError(f"no shipped start for world {world}, sigma_max {c.sigma_max:g} at "
+                                        f"{dm.start_path(world, c.sigma_max)}: run `python experiments.py "
+                                        f"--make-start --world {world}`")
+            data = dm.make_data(c, device)
+            identity.append(dm.identity_metrics(data)["real_psnr"])
+            for m in runs:
+                state = dm.train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
+                runs[m].append(scored(state.G_eval, data))
+        results["cells"][key] = cell = {**map_cell(runs, identity), "sigma_max": c.sigma_max}
+        log(f"[regime_map] {key}: DA - vanilla {fmt(cell['da_gain_real_db'])} dB ({cell['regime']}), gap closed "
+            f"{fmt(cell['gap_closed'])}, synthetic change {fmt(cell['da_syn_change_db'])} dB  "
+            f"({time.time() - t0:.0f} s)")
+        results["claims"] = regime_claims(results["cells"])
+        dm.atomic_write_text(path, json.dumps(results, indent=1))
     results["claims"] = regime_claims(results["cells"])                            # also when every cell was kept
     table = regime_table(results)
     dm.atomic_write_text(os.path.join(out, "regime_map.md"), table + "\n")
@@ -947,6 +963,163 @@ def exp_regime_map(cfg, out, quick, log=print, worlds=("natural", "dead-leaves")
     for claim, ok in results["claims"].items():
         log(f"  {'holds ' if ok else 'FAILS '} {claim}")
     return finish("regime_map", out, results, t0, c0, log)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The smoothness axis: the folder protocol on photograph sets at their native size and rendered at finer pixel pitches,
+# and on built-in worlds written to folders, so that both sit on one axis of clean-image hf (docs/effect.md).
+AXIS_TILE = 128                # px: the tiles written to the clean / real / eval folders
+AXIS_TILES_PER_PHOTO = 8       # at most this many tiles of one photograph in the clean and real pools
+AXIS_EVAL_TILES = 24           # evaluation tiles in all
+AXIS_WORLDS = {"world: natural": dm.natural_leaves, "world: phone": dm.phone_leaves,
+               "world: 60 discs, radius 6, defocus 1.5": CLEAN_VARIANTS["60 discs, radius 6, defocus 1.5"]}
+AXIS_CONFIG = dict(task="denoise", world="natural", start="shipped", real_noise="white", sigma_max=15.0, steps=300,
+                   eval_every=0, log_every=300)   # the folder protocol: the shipped natural start, AWGN sigma <= 15
+
+
+def grid_tiles(img, size=AXIS_TILE):
+    """The non-overlapping size px tiles of an image (3, H, W), row by row: (k, 3, size, size)."""
+    h, w = img.shape[-2] // size, img.shape[-1] // size
+    return img[:, :h * size, :w * size].unfold(1, size, size).unfold(2, size, size).permute(1, 2, 0, 3, 4).reshape(
+        -1, 3, size, size)
+
+
+def write_axis_folders(images, root, gen, quick=False):
+    """The folder layout of a user's run from a list of clean images (3, H, W), dealt in turn to the clean, real and
+    eval pools (a photograph's tiles stay in one pool): root/clean/, root/real/{input,target}/ (real-like `white` noise;
+    DA reads only input/) and root/eval/{input,target}/. Returns the number of tiles per pool."""
+    pools = {"clean": [], "real": [], "eval": []}
+    for i, img in enumerate(images):
+        tiles = grid_tiles(img, AXIS_TILE // 4 if quick else AXIS_TILE)
+        pool = list(pools)[i % 3]
+        keep = tiles if pool == "eval" else tiles[torch.randperm(len(tiles), generator=gen)[:AXIS_TILES_PER_PHOTO]]
+        pools[pool].append(keep)
+    pools = {k: torch.cat(v) for k, v in pools.items()}
+    ev = pools["eval"]
+    pools["eval"] = ev[torch.linspace(0, len(ev) - 1, min(len(ev), AXIS_EVAL_TILES)).long()]
+    white = dm.TASKS["denoise"]["real"]["white"]
+    files = {"clean": pools["clean"], "real/target": pools["real"], "real/input": white(pools["real"], gen),
+             "eval/target": pools["eval"], "eval/input": white(pools["eval"], gen)}
+    for sub, imgs in files.items():
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+        for j, img in enumerate(imgs):
+            folders.write_image(os.path.join(root, sub, f"{j:04d}.png"), img)
+    return {k: len(v) for k, v in pools.items()}
+
+
+def axis_sets(photos, quick=False):
+    """name -> (kind, a function returning the clean images (3, H, W)): each photograph folder at x1, x2, x3 (bicubic),
+    then the built-in worlds (AXIS_WORLDS), 3 x 16 images of AXIS_TILE px (every image one tile)."""
+    def photo_set(folder, k):
+        def load():
+            imgs = [torch.from_numpy(folders.read_image(os.path.join(folder, f))).permute(2, 0, 1)
+                    for f in folders.list_images(folder)][:6 if quick else None]
+            return [F.interpolate(x[None], scale_factor=k, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+                    if k > 1 else x for x in imgs]
+        return load
+    sets = {f"{os.path.basename(os.path.normpath(d))} x{k}": ("photographs", photo_set(d, k))
+            for d in photos for k in ((1, 2) if quick else (1, 2, 3))}
+    n, size = (6, AXIS_TILE // 4) if quick else (48, AXIS_TILE)
+    for name, fn in AXIS_WORLDS.items():
+        sets[name] = ("built-in world", lambda fn=fn: list(fn(n, size, torch.Generator().manual_seed(0))))
+    return sets
+
+
+def axis_claims(cells):
+    """A1 and A2 of docs/effect.md, judged on the photograph cells (means over seeds)."""
+    photo = [c for c in cells.values() if c["kind"] == "photographs"]
+    if len(photo) < 3:
+        return {}
+    rank = lambda v: np.argsort(np.argsort(v))                                     # noqa: E731
+    rho = float(np.corrcoef(rank([c["hf"] for c in photo]), rank([c["da_gain_real_db"]["mean"] for c in photo]))[0, 1])
+    smooth = [c for c in photo if c["hf"] <= 0.0005]
+    rough = [c for c in photo if c["hf"] >= 0.002]
+    return {"A1: DA - vanilla falls as hf rises (rank correlation < 0)": rho < 0, "rank correlation": rho,
+            "A2: every cell with hf <= 0.0005 helps, none with hf >= 0.002 does": bool(smooth) and
+            all(c["da_gain_real_db"]["mean"] > REGIME_DB for c in smooth) and
+            all(c["da_gain_real_db"]["mean"] <= REGIME_DB for c in rough)}
+
+
+def axis_figure(path, results):
+    """DA - vanilla and the gap closed against the clean images' hf: photograph sets and built-in worlds."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "da_gain_real_db", "DA − vanilla, real-like PSNR (dB)"),
+                           (axes[1], "gap_closed", "gap closed (DA − vanilla) / (oracle − vanilla)")):
+        for kind, marker in (("photographs", "o"), ("built-in world", "s")):
+            cs = [c for c in results["cells"].values() if c["kind"] == kind]
+            ax.errorbar([c["hf"] for c in cs], [c[key]["mean"] for c in cs], yerr=[c[key]["std"] or 0 for c in cs],
+                        fmt=marker, capsize=3, label=kind)
+            for c in cs:
+                ax.annotate(c["name"].removeprefix("world: "), (c["hf"], c[key]["mean"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="k", lw=0.8)
+        if key == "da_gain_real_db":
+            ax.axhspan(-REGIME_DB, REGIME_DB, color="0.9", label="idles (±0.3 dB)")
+        for name, (hf, _, _) in PHONE_TARGETS.items():
+            ax.axvline(hf, color="tab:green", ls=":", lw=1)
+        ax.set_xscale("log"), ax.set_xlabel("clean images' hf (energy of x − box5(x), 32 px crops)")
+        ax.set_ylabel(label, fontsize=8), ax.legend(fontsize=7)
+    axes[0].set_title("dotted: phone / DSLR ground truths (SIDD, Nam, PolyU)", fontsize=8)
+    save_figure(fig, path)
+
+
+@experiment(size=dict(AXIS_CONFIG), quick=dict(AXIS_CONFIG, start="scratch", steps=4, log_every=4))
+def exp_axis(cfg, out, quick, log=print, photos=()):
+    """The smoothness axis of docs/effect.md: for each photograph folder (--photos DIR, repeatable) at x1, x2 and x3,
+    and for each built-in world of AXIS_WORLDS, write the folders of a user's run (write_axis_folders), then per seed
+    train vanilla, DA and the oracle with folders.load_folder_data and score whole evaluation tiles with
+    folders.evaluate_folder. Writes out/axis.json after every set (a rerun with the same settings keeps those sets),
+    out/axis.md and out/axis.png. The folders go under out/folders/ and are not needed afterwards."""
+    t0, c0, device = begin(cfg, out)
+    seeds, path = exp_seeds(cfg, quick), os.path.join(out, "axis.json")
+    results = {"experiment": "axis", "config": dataclasses.asdict(cfg), "seeds": seeds, "cells": {}}
+    if os.path.isfile(path):
+        old = json.load(open(path))
+        if (old.get("config"), old.get("seeds")) == (json.loads(json.dumps(results["config"])), seeds):
+            results["cells"] = old["cells"]
+            log(f"[axis] {len(old['cells'])} set(s) kept from {path}")
+    for name, (kind, load) in axis_sets(photos, quick).items():
+        if name in results["cells"]:
+            continue
+        root = os.path.join(out, "folders", name.replace(": ", "-").replace(" ", "_").replace(",", ""))
+        counts = write_axis_folders(load(), root, torch.Generator().manual_seed(0), quick)
+        dirs = {k: os.path.join(root, k) for k in ("clean", "real", "eval")}
+        runs, identity, hf = {m: [] for m in ("vanilla", "da", "oracle")}, [], None
+        for seed in seeds:
+            c = dataclasses.replace(cfg, seed=seed)
+            data = folders.load_folder_data(c, dirs["clean"], None, dirs["real"], dirs["eval"], device, log=lambda s: None)
+            hf = hf or clean_stats(data.syn_clean.cpu(), c.patch_size)["hf"]
+            for m in runs:
+                state = dm.train(dataclasses.replace(c, method=m), data, log=seed_log(log, seed))
+                r = folders.evaluate_folder(state.G_eval, dirs["eval"], log=lambda s: None)
+                runs[m].append({"real_psnr": r["mean_psnr"], "syn_psnr": dm.evaluate_pools(state.G_eval, data)["syn_psnr"]})
+                identity.append(r["input_mean_psnr"])
+        v, d, o = ([r["real_psnr"] for r in runs[m]] for m in ("vanilla", "da", "oracle"))
+        results["cells"][name] = cell = {
+            "name": name, "kind": kind, "hf": hf, "tiles": counts, "identity_real_psnr": float(np.mean(identity)),
+            **{m: mean_std([r["real_psnr"] for r in rs]) for m, rs in runs.items()},
+            "da_gain_real_db": mean_std([b - a for a, b in zip(v, d)]),
+            "gap_closed": mean_std([(b - a) / (c_ - a) for a, b, c_ in zip(v, d, o)]),
+            "da_syn_change_db": mean_std([b["syn_psnr"] - a["syn_psnr"] for a, b in zip(runs["vanilla"], runs["da"])])}
+        cell["regime"] = regime(cell["da_gain_real_db"]["mean"])
+        log(f"[axis] {name}: hf {hf:.5f}, DA - vanilla {fmt(cell['da_gain_real_db'])} dB ({cell['regime']}), gap "
+            f"closed {fmt(cell['gap_closed'])}  ({time.time() - t0:.0f} s)")
+        results["claims"] = axis_claims(results["cells"])
+        dm.atomic_write_text(path, json.dumps(results, indent=1))
+    results["claims"] = axis_claims(results["cells"])
+    lines = ["| clean images | kind | hf | input | vanilla | DA | oracle | DA − vanilla | regime | gap closed | DA syn change |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in sorted(results["cells"].values(), key=lambda c: c["hf"]):
+        lines.append(f"| {c['name']} | {c['kind']} | {c['hf']:.5f} | {c['identity_real_psnr']:.2f} | "
+                     f"{fmt(c['vanilla'])} | {fmt(c['da'])} | {fmt(c['oracle'])} | {fmt(c['da_gain_real_db'])} | "
+                     f"**{c['regime']}** | {fmt(c['gap_closed'])} | {fmt(c['da_syn_change_db'])} |")
+    dm.atomic_write_text(os.path.join(out, "axis.md"), "\n".join(lines) + "\n")
+    axis_figure(os.path.join(out, "axis.png"), results)
+    log("\n" + "\n".join(lines) + "\n")
+    for claim, ok in results["claims"].items():
+        log(f"  {claim}: {ok}")
+    return finish("axis", out, results, t0, c0, log)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -968,7 +1141,7 @@ def start_config(world, sigma_max):
 def save_start(path, state):
     """The slim checkpoint a shipped start is: config, step, history and the EMA restorer only (no
     denoiser, no optimiser), readable by dada_min.read_checkpoint and load_restorer."""
-    weights = {k: v.clone() for k, v in dm.raw_module(state.G_ema).state_dict().items()}
+    weights = {k: v.clone() for k, v in state.G_ema.state_dict().items()}
     # "restorer" and "restorer_ema" share storage, so torch.save writes the weights once
     dm.write_checkpoint(path, state, restorer=weights, restorer_ema=weights)
 
@@ -1196,8 +1369,8 @@ def build_parser():
                    help="instead: compare the paper networks and DA loss with a checkout of the official code")
     p.add_argument("--quick", action="store_true", help="the seconds-long size used by the tests")
     p.add_argument("--out", default=None, help="output directory (default: runs/NAME)")
-    p.add_argument("--photos", default=None, metavar="DIR",
-                   help="worlds: a folder of clean photographs to compare with")
+    p.add_argument("--photos", action="append", default=[], metavar="DIR",
+                   help="worlds, axis: a folder of clean photographs (repeat the flag for several)")
     return p
 
 
@@ -1234,8 +1407,13 @@ def main(argv=None):
             cfg = dm.parse_config(args)
     except ValueError as e:
         parser.error(str(e))
-    if args.photos and args.name != "worlds":
-        parser.error("--photos is for the worlds experiment")
+    if args.photos and args.name not in ("worlds", "axis"):
+        parser.error("--photos is for the worlds and axis experiments")
+    for folder in args.photos:
+        if not os.path.isdir(folder):
+            parser.error(f"--photos {folder!r} is not a folder")
+    if args.name == "axis" and not args.photos and not args.quick:
+        parser.error("axis needs at least one --photos DIR of clean photographs")
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     exp(cfg, args.out or f"runs/{args.name}", args.quick, **({"photos": args.photos} if args.photos else {}))
     return 0

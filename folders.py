@@ -223,6 +223,86 @@ def load_folder_data(cfg, clean_dir=None, syn_dir=None, real_dir=None, eval_dir=
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Statistics of clean images, and where they sit on the smoothness axis (docs/effect.md)
+# ----------------------------------------------------------------------------------------------------------
+def box5(x):
+    """5x5 box blur with replicate padding: the low-pass reference of hf (below) and of experiments.hf_ratio."""
+    return F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+
+
+# At cpu-demo scale, whether DA helps is set by how smooth the clean images are at the pixel scale. Three statistics
+# of clean 32 px crops (the training crop) describe that:
+#   hf:    energy of x - box5(x), the same high-pass band as hf_ratio: how much of a crop is edges and texture
+#   edges: share of pixels whose luma gradient (central differences) exceeds 0.1 per pixel
+#   slope: slope of the radially averaged power spectrum of the luma on log-log axes (natural images: about -2)
+def luma(x):
+    return (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def spectrum_slope(x):
+    """Mean over images of the log-log slope of the radially averaged power spectrum of luma(x), fitted between 2 and
+    n/2 cycles per image (n: the side; the mean and the lowest frequency are left out). x: (B, 3, n, n)."""
+    y = luma(x)[:, 0]
+    y = y - y.mean((1, 2), keepdim=True)
+    n = y.shape[-1]
+    power = torch.fft.fft2(y).abs() ** 2                                          # (B, n, n)
+    f = torch.fft.fftfreq(n) * n
+    r = torch.sqrt(f.view(-1, 1) ** 2 + f.view(1, -1) ** 2).round().long()        # radius in cycles per image
+    radii = torch.arange(2, n // 2 + 1)
+    radial = torch.stack([power[:, r == k].mean(1) for k in radii], 1)            # (B, K)
+    lx, ly = torch.log(radii.float()), torch.log(radial.clamp(min=1e-20))
+    lx = lx - lx.mean()
+    return float(((ly - ly.mean(1, keepdim=True)) * lx).sum(1).div((lx ** 2).sum()).mean())
+
+
+def clean_stats(x, crop=32):
+    """The three statistics of clean images x (B, 3, H, W), measured on their centre crops of `crop` px."""
+    top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
+    x = x[..., top:top + crop, left:left + crop]
+    y = luma(x)
+    gy, gx = y[..., 2:, 1:-1] - y[..., :-2, 1:-1], y[..., 1:-1, 2:] - y[..., 1:-1, :-2]   # central differences
+    grad = torch.sqrt(gx ** 2 + gy ** 2) / 2
+    return {"hf": float(((x - box5(x)) ** 2).mean()), "edges": float((grad > 0.1).float().mean()),
+            "slope": spectrum_slope(x)}
+
+
+@torch.no_grad()
+def noise_sigma(x):
+    """Blind estimate of each image's noise level, in 0-255 units: the median absolute deviation of the finest diagonal
+    Haar band over 0.6745 (Donoho's rule), the channels averaged. x: (B, 3, H, W) -> (B,). Edges barely move a median,
+    so clean detail reads as a few units; noise that is smooth across neighbouring pixels (demosaiced camera noise)
+    reads low, since this band sees only its finest scale."""
+    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2].float()
+    hh = (x[..., ::2, ::2] - x[..., ::2, 1::2] - x[..., 1::2, ::2] + x[..., 1::2, 1::2]) / 2   # (B, 3, H/2, W/2)
+    return 255 * (hh.flatten(2).abs().median(-1).values / 0.6745).mean(1)
+
+
+
+def noise_line(cfg, real_noisy):
+    """One log line: the real training images' noise estimate beside the synthetic range, so a user sees whether the
+    range covers the real noise."""
+    est = float(noise_sigma(real_noisy[:256]).median())
+    cover = ("inside the synthetic range" if est <= cfg.sigma_max else
+             "ABOVE the synthetic range: the gap DA is meant to close; --sigma_max 75 (the paper's) would cover it")
+    return (f"real training images: noise sigma ~ {est:.1f}/255 (noise_sigma, median), {cover} "
+            f"(AWGN sigma <= {cfg.sigma_max:g}/255)")
+
+
+AXIS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "effect", "axis", "axis.json")
+
+
+def axis_line(hf, path=AXIS_JSON):
+    """What the smoothness axis (`python experiments.py axis`, docs/effect.md) measured near clean images of this hf:
+    the two photograph cells nearest on a log scale, with DA - vanilla there. '' if the axis file is missing."""
+    if not os.path.isfile(path):
+        return ""
+    cells = [c for c in json.load(open(path))["cells"].values() if c["kind"] == "photographs"]
+    near = sorted(cells, key=lambda c: abs(math.log(c["hf"] / hf)))[:2]
+    said = "; ".join(f"{c['name']} (hf {c['hf']:.5f}): {c['da_gain_real_db']['mean']:+.2f} dB" for c in near)
+    return f"on the smoothness axis (docs/effect.md), DA - vanilla nearest this hf: {said}"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Restoring image files of any size (tiles, so memory stays bounded)
 # ----------------------------------------------------------------------------------------------------------
 def ramp(n, overlap):
@@ -380,6 +460,11 @@ def train_command(cfg, args, log=print):
     dirs = {k: getattr(args, k) for k in ("clean_dir", "syn_dir", "real_dir", "eval_dir")}
     device = dm.pick_device(cfg.device)
     data = load_folder_data(cfg, **dirs, device=device, log=log) if any(dirs.values()) else dm.make_data(cfg, device)
+    if cfg.task == "denoise" and (dirs["clean_dir"] or dirs["syn_dir"]):            # where these images sit
+        hf = clean_stats(data.syn_clean[:1024].float().cpu(), cfg.patch_size)["hf"]
+        log(f"clean images: hf {hf:.5f} (energy of x - box5(x) on {cfg.patch_size} px crops); {axis_line(hf)}".rstrip("; "))
+    if cfg.task == "denoise":
+        log(noise_line(cfg, data.real_noisy))
     state = dm.train(cfg, data, out=out, resume=args.resume, log=log)
     log(json.dumps(dm.evaluate_pools(state.G_eval, data)))
     log(f"wrote {os.path.join(out, 'checkpoint.pt')} and {os.path.join(out, 'history.json')}")

@@ -47,6 +47,24 @@ RUNS = pathlib.Path(os.environ.get("DADA_RUNS", ROOT / "runs" / "notebooks"))
 NOTEBOOK = None                                    # set by setup(): the runs of each notebook get their own folder
 
 
+@torch.no_grad()
+def ddpm_sample(schedule, denoiser, cond, stride=1):
+    """Ancestral DDPM sampling of y0 given cond = cat[c1, c2] (B, 6, H, W) with a dm.NoiseSchedule, for notebook 02's
+    exercise: what has a trained denoiser learned? (The method never samples: eps_theta only trains G.)"""
+    ac_all = schedule.alphas_cumprod
+    ts = list(range(schedule.T - 1, -1, -stride))                                # stride > 1: a respaced DDPM
+    y = torch.randn(cond.shape[0], 3, *cond.shape[2:], device=cond.device)     # (B, 3, H, W)
+    for i, t in enumerate(ts):
+        ac = ac_all[t]
+        ac_prev = ac_all[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(ac)
+        alpha = ac / ac_prev                                                    # this (respaced) step's 1 - beta
+        eps = denoiser(torch.cat([y, cond], 1), ac.expand(y.shape[0])).float()    # gamma = abar_t
+        mean = (y - (1 - alpha) / (1 - ac).sqrt() * eps) / alpha.sqrt()
+        var = (1 - alpha) * (1 - ac_prev) / (1 - ac)                            # 0 at the last step
+        y = mean + var.sqrt() * torch.randn_like(y) if i + 1 < len(ts) else mean  # no noise at the last step
+    return y
+
+
 def seed_everything(seed=SEED):
     random.seed(seed)
     np.random.seed(seed)
@@ -64,7 +82,7 @@ def setup(notebook, start=False, **overrides):
                                          if PRESET == "gpu" else {}), **overrides)
     cfg = dm.make_config(PRESET, device=device.type, precision="auto", seed=SEED, **overrides,
                          **(dict(steps=8, eval_every=4, log_every=4) if QUICK else {}))
-    amp_dtype, _ = dm.pick_precision(cfg.precision, device)
+    amp_dtype = dm.pick_precision(cfg.precision, device)
     runs = RUNS.relative_to(ROOT) if RUNS.is_relative_to(ROOT) else RUNS
     print(f"device: {device} | preset: {PRESET} | quick mode: {QUICK} | autocast: {amp_dtype} | runs under: {runs}")
     if start:

@@ -80,7 +80,7 @@ def test_without_torchrun_nothing_is_distributed():
 
 
 def test_a_process_whose_own_terms_are_finite_still_stops_when_another_diverged(monkeypatch):
-    """(fp16 runs skip the gradient norm, so a NaN loss elsewhere need not reach this process's terms.)"""
+    """(A NaN in one process's batch shows in its own losses first; the others learn of it through dist_any.)"""
     guard = dm.DivergenceGuard(dm.make_config("tiny"), torch.device("cpu"))
     guard.update(1, {"loss_res": torch.tensor(0.5)})
     guard.check()                                                              # finite everywhere: no error

@@ -138,32 +138,36 @@ def test_effect_experiment_quick(tmp_path):
     assert list(saved["domains"]) == ["white", "correlated"] == list(res["domains"])
     for d in saved["domains"].values():
         s, runs = d["summary"], d["runs"]
-        assert set(s) == {"vanilla", "da", "da_live", "no_contrast", "only_real", "oracle"}
+        assert set(s) == set(experiments.EFFECT_ROWS) == {"vanilla", "da", "no_contrast", "only_real", "oracle"}
         assert s["vanilla"]["gap_closed"]["mean"] == 0.0 and s["oracle"]["gap_closed"]["mean"] == 1.0
         gap = (runs["da"][0]["real_psnr"] - runs["vanilla"][0]["real_psnr"]) / (
             runs["oracle"][0]["real_psnr"] - runs["vanilla"][0]["real_psnr"])
         assert math.isclose(s["da"]["gap_closed"]["mean"], gap, rel_tol=1e-9, abs_tol=1e-12)
         # the RS rows log their hinge; the others do not have one
-        for v in ("da", "da_live"):
-            assert 0.0 <= s[v]["hinge_active_frac"]["mean"] <= 1.0
-            assert set(runs[v][0]["gap_by_gamma"]) == {str(g) for g in experiments.GAP_LEVELS}
+        assert 0.0 <= s["da"]["hinge_active_frac"]["mean"] <= 1.0
+        assert set(runs["da"][0]["gap_by_gamma"]) == {str(g) for g in experiments.GAP_LEVELS}
         assert "hinge_active_frac" not in s["no_contrast"] and "diag" not in s["vanilla"]
         assert all(-1 <= r["diag"] <= 1 for r in runs["only_real"])
         assert d["prediction"]["start_real_hf"]["mean"] > 0
         assert all(len(r["real_bands"]) == 4 and min(r["real_bands"]) >= 0 for r in runs["da"])
     assert os.path.getsize(os.path.join(out, "effect.png")) > 1000
-    assert "| da_live |" in experiments.effect_table(saved)
+    assert "| no_contrast |" in experiments.effect_table(saved)
+    published = json.load(open(os.path.join(os.path.dirname(experiments.__file__), "docs", "effect", "effect.json")))
+    assert "| da_live |" in experiments.effect_table(published)               # the published table, row for row
 
 
 # --- the shipped starts -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("world, sigma_max", sorted(dm.STARTS))
 def test_shipped_start_is_what_make_start_writes(world, sigma_max):
     """The committed start's config is start_config's (fields added to Config later hold their defaults, as
-    loading reads them)."""
+    loading reads them; fields removed later held the one behaviour that remains)."""
     blob = dm.read_checkpoint(dm.start_path(world, sigma_max))
     want = json.loads(json.dumps(dataclasses.asdict(experiments.start_config(world, sigma_max))))
-    newer = set(want) - set(blob["config"])
-    assert blob["config"] == {k: v for k, v in want.items() if k not in newer}
+    newer, removed = set(want) - set(blob["config"]), set(blob["config"]) - set(want)
+    assert {k: blob["config"][k] for k in removed} == {k: v for k, v in {"compile": False, "hinge": "batch"}.items()
+                                                       if k in removed}
+    assert {k: v for k, v in blob["config"].items() if k not in removed} == {
+        k: v for k, v in want.items() if k not in newer}
     assert all(want[k] == getattr(dm.Config, k) for k in newer)
     assert dm.config_from_dict(blob["config"]) == experiments.start_config(world, sigma_max)
 
@@ -329,6 +333,74 @@ def test_natural_world_passes_the_selection_rule_and_is_its_choice():
     assert sharp["hf"] > 0.0025                                                 # the old world fails the rule
 
 
+def test_phone_world_passes_its_rule_and_is_its_choice():
+    """docs/effect.md's phone rule: hf in [0.0001, 0.0004], edges in [0.0048, 0.021], slope in [-3.2, -2.0], luma
+    std >= 0.04; phone_leaves' defaults are the grid's nearest qualifying candidate (distance 1.05)."""
+    x = dm.phone_leaves(256, 48, torch.Generator().manual_seed(0))
+    st = {**experiments.clean_stats(x, 32), "luma_std": float(experiments.luma(x).std((2, 3)).mean())}
+    ok, dist = experiments.phone_rule(st)
+    assert ok and dist == pytest.approx(1.05, abs=0.01) and st["hf"] == pytest.approx(0.00027, abs=1e-5)
+    nat = experiments.clean_stats(dm.natural_leaves(64, 48, torch.Generator().manual_seed(0)), 32)
+    assert not experiments.phone_rule({**nat, "luma_std": 0.1})[0]                 # too much texture for a phone
+    assert not experiments.phone_rule({**st, "luma_std": 0.01})[0]                 # a flat image fails too
+    assert experiments.phone_rule({"hf": 0.00021, "edges": 0.012, "slope": -2.69, "luma_std": 0.1})[1] < 1e-2
+
+
+def test_phone_world_quick_measures_and_chooses(tmp_path):
+    out = str(tmp_path / "phone")
+    assert experiments.main(["phone_world", "--quick", "--out", out]) == 0
+    res = json.load(open(os.path.join(out, "phone_world.json")))
+    assert res["chosen"] == "phone_leaves n 100 r 14 c 1 lens 2 texture 0.02"
+    assert not res["candidates"]["natural upsampled x3"]["qualifies"]             # edges: too few after upsampling
+    assert os.path.getsize(os.path.join(out, "phone_world.png")) > 1000
+
+
+def smooth_photos(folder, n=6, size=64, seed=0):
+    """n smooth colour 'photographs' (random low-frequency fields), written as PNGs."""
+    gen = torch.Generator().manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    low = torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=gen), size=size, mode="bicubic")
+    for i, img in enumerate(low.clamp(0, 1)):
+        Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().numpy()).save(os.path.join(folder, f"p{i}.png"))
+    return str(folder)
+
+
+def test_axis_folders_deal_photographs_to_pools(tmp_path):
+    imgs = [torch.full((3, 64, 96), i / 10) for i in range(7)]                     # each photo its own grey
+    counts = experiments.write_axis_folders(imgs, str(tmp_path / "f"), torch.Generator().manual_seed(0), quick=True)
+    assert counts == {"clean": 3 * 6, "real": 2 * 6, "eval": 2 * 6}               # photos 0,3,6 / 1,4 / 2,5; 6 tiles each
+    import folders
+    ev = folders.folder_tiles(str(tmp_path / "f" / "eval"), 32, None, n=None, paired=True, log=lambda s: None)
+    greys = {round(float(t[3:].mean()), 1) for t in ev}
+    assert greys == {0.2, 0.5}                                                     # eval tiles come from photos 2, 5 only
+    assert (ev[:, :3] - ev[:, 3:]).abs().mean() > 0.05                             # inputs carry the white noise
+
+
+def test_axis_quick_puts_photos_and_worlds_on_one_axis(tmp_path):
+    photos = smooth_photos(tmp_path / "smooth")
+    out = str(tmp_path / "axis")
+    lines = []
+    cfg = dm.make_config("tiny", **experiments.exp_axis.quick)
+    res = experiments.exp_axis(cfg, out, True, log=lines.append, photos=[photos])
+    assert list(res["cells"]) == ["smooth x1", "smooth x2", *experiments.AXIS_WORLDS]
+    for c in res["cells"].values():
+        assert c["hf"] > 0 and math.isfinite(c["da"]["mean"]) and c["regime"] == experiments.regime(
+            c["da_gain_real_db"]["mean"])
+        assert c["da_gain_real_db"]["mean"] == pytest.approx(c["da"]["mean"] - c["vanilla"]["mean"])
+    assert res["cells"]["smooth x2"]["hf"] < res["cells"]["smooth x1"]["hf"]      # upsampling smooths
+    assert os.path.getsize(os.path.join(out, "axis.png")) > 1000 and "| smooth x1 |" in open(os.path.join(out, "axis.md")).read()
+    lines.clear()
+    again = experiments.exp_axis(cfg, out, True, log=lines.append, photos=[photos])
+    assert "5 set(s) kept" in lines[0] and again["cells"] == res["cells"]
+    cells = {k: {"kind": "photographs", "hf": hf, "da_gain_real_db": {"mean": g}} for k, hf, g in (
+        ("a", 1e-4, 2.0), ("b", 1e-3, 0.5), ("c", 3e-3, -1.0))}
+    claims = experiments.axis_claims(cells)
+    assert claims["A1: DA - vanilla falls as hf rises (rank correlation < 0)"]
+    assert claims["A2: every cell with hf <= 0.0005 helps, none with hf >= 0.002 does"]
+    cells["c"]["da_gain_real_db"]["mean"] = 3.0
+    assert not any(v for k, v in experiments.axis_claims(cells).items() if k.startswith("A"))
+
+
 def test_band_errors_see_each_scale():
     gen = torch.Generator().manual_seed(0)
     clean = torch.rand(4, 3, 32, 32, generator=gen)
@@ -347,8 +419,10 @@ def test_regime_map_quick_writes_the_table_and_keeps_cells(tmp_path):
     out = str(tmp_path / "map")
     cfg = dm.make_config("tiny", steps=2, eval_every=0, log_every=2)
     lines = []
-    res = experiments.exp_regime_map(cfg, out, True, log=lines.append, domains=("white",))
-    assert list(res["cells"]) == ["natural | white", "dead-leaves | white"]
+    cells = [("natural", "white", None), ("dead-leaves", "white", None), ("phone", "camera", 15.0)]
+    res = experiments.exp_regime_map(cfg, out, True, log=lines.append, cells=cells)
+    assert list(res["cells"]) == ["natural | white", "dead-leaves | white", "phone | camera (σ ≤ 15)"]
+    assert res["cells"]["phone | camera (σ ≤ 15)"]["sigma_max"] == 15.0
     for cell in res["cells"].values():
         assert cell["regime"] == experiments.regime(cell["da_gain_real_db"]["mean"])
         assert len(cell["bands"]["da"]) == 4 and all(b >= 0 for b in cell["bands"]["vanilla"])
@@ -357,8 +431,9 @@ def test_regime_map_quick_writes_the_table_and_keeps_cells(tmp_path):
     assert table.count("\n| natural |") == 1 and "| dead-leaves | white |" in table
     assert os.path.getsize(os.path.join(out, "regime_map.png")) > 1000
     lines.clear()
-    again = experiments.exp_regime_map(cfg, out, True, log=lines.append, domains=("white",))
-    assert "2 cell(s) kept" in lines[0] and again["cells"] == res["cells"]    # a rerun trains nothing
+    again = experiments.exp_regime_map(dataclasses.replace(cfg, world="phone"), out, True, log=lines.append,
+                                       cells=cells)                           # a field each cell sets itself
+    assert "3 cell(s) kept" in lines[0] and again["cells"] == res["cells"]    # a rerun trains nothing
     assert experiments.regime(0.31) == "helps" and experiments.regime(-0.31) == "destroys"
     assert experiments.regime(0.2) == "idles"
 

@@ -1,104 +1,56 @@
-"""dada_min's GPU fast path, checked on CPU: the decisions (precision, layout, fused Adam, compile), the fp16
-loss-scaling code path, compile-free checkpoints, the sync-free crops and the paper-size parameter counts.
+"""dada_min's GPU fast path, checked on CPU: the decisions (precision, layout, fused Adam), a bf16 training step,
+the sync-free crops and the paper-size parameter counts.
 (bench.py, which times the fast path, is tested in tests/test_bench.py.)"""
 import pytest
 import torch
-import torch.nn as nn
 
 import dada_min as dm
 
 CPU = torch.device("cpu")
 
 
-# --- decisions: precision, layout, fused Adam, compile ------------------------------------------------------
+# --- decisions: precision, layout, fused Adam ------------------------------------------------------
 def test_pick_precision_on_cpu():
-    assert dm.pick_precision("auto", CPU) == (None, False)          # nothing on CPU
-    assert dm.pick_precision("fp32", CPU) == (None, False)
-    assert dm.pick_precision("bf16", CPU) == (torch.bfloat16, False)
-    assert dm.pick_precision("fp16", CPU) == (torch.float16, False)  # documented: no loss scaling off CUDA
+    assert dm.pick_precision("auto", CPU) is None                   # fp32 on CPU
+    assert dm.pick_precision("fp32", CPU) is None
+    assert dm.pick_precision("bf16", CPU) == torch.bfloat16         # an explicit choice is honoured
 
 
-@pytest.mark.parametrize("major, expected", [(9, (torch.bfloat16, False)), (8, (torch.bfloat16, False)),
-                                             (7, (torch.float16, True))])
+@pytest.mark.parametrize("major, expected", [(9, torch.bfloat16), (8, torch.bfloat16), (7, None)])
 def test_pick_precision_auto_on_cuda_follows_compute_capability(monkeypatch, major, expected):
-    # no GPU needed: only the capability query is faked (H100 = 9, A100 = 8, T4/V100 = 7)
+    # no GPU needed: only the capability query is faked (H100 = 9, A100 = 8, T4/V100 = 7: fp32)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
     assert dm.pick_precision("auto", torch.device("cuda")) == expected
-    assert dm.pick_precision("fp16", torch.device("cuda")) == (torch.float16, True)
-    assert dm.pick_precision("fp32", torch.device("cuda")) == (None, False)
+    assert dm.pick_precision("fp32", torch.device("cuda")) is None
 
 
-def test_fast_path_switches_are_cuda_only(monkeypatch):
-    sw, note = dm.fast_path(CPU)
-    assert not any(sw.values()) and note is None
-    sw, note = dm.fast_path(CPU, compile=True)                      # compile on CPU: off, and said so
-    assert sw["compile"] is False and "compile" in note and "cpu" in note
-    monkeypatch.setattr(dm.importlib.util, "find_spec", lambda name: object())   # pretend Triton exists
-    sw, note = dm.fast_path(torch.device("cuda"), compile=True)
-    assert sw == {"channels_last": True, "fused_adam": True, "cudnn_benchmark": True, "compile": True}
-    assert note is None
-    assert dm.fast_path(torch.device("cuda"))[0]["compile"] is False   # compile stays opt-in
-    monkeypatch.setattr(dm.importlib.util, "find_spec", lambda name: None)       # no Triton
-    sw, note = dm.fast_path(torch.device("cuda"), compile=True)
-    assert sw["compile"] is False and "Triton" in note and sw["channels_last"]
+def test_fast_path_switches_are_cuda_only():
+    assert not any(dm.fast_path(CPU).values())
+    assert dm.fast_path(torch.device("cuda")) == {"channels_last": True, "fused_adam": True, "cudnn_benchmark": True}
 
 
 def test_init_state_on_cpu_is_the_plain_path():
     state = dm.init_state(dm.make_config("tiny"), CPU)
     w = state.D.inp.weight
     assert w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)
-    assert not state.opt.defaults["fused"] and state.scaler is None
+    assert not state.opt.defaults["fused"]
 
 
-def test_compile_on_cpu_prints_a_note_and_trains(tiny_data):
-    logs = []
-    state = dm.train(dm.make_config("tiny", compile=True, steps=1, eval_every=0), tiny_data, log=logs.append)
-    assert state.step == 1
-    assert any("compile=True is ignored" in line for line in logs)
-
-
-# --- fp16 loss scaling ---------------------------------------------------------------------------------------
-def test_fp16_grad_scaler_path_trains_and_checkpoints(tmp_path, tiny_data):
-    cfg = dm.make_config("tiny", precision="fp16", steps=2)
+# --- bf16 steps -----------------------------------------------------------------------------------------------
+def test_bf16_steps_train_and_checkpoint(tmp_path, tiny_data):
+    cfg = dm.make_config("tiny", precision="bf16", steps=2)
     state = dm.init_state(cfg, CPU)
-    assert state.scaler is None                                     # on CPU no scaler is made ...
-    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)  # ... so run the CUDA code path by hand
     before = [p.detach().clone() for p in state.G.parameters()]
     for _ in range(2):
         parts = dm.train_step(state, tiny_data)
-        assert torch.isfinite(parts["loss_res"])
+        assert torch.isfinite(parts["loss_res"]) and torch.isfinite(parts["loss_dif"])
     assert any(not torch.equal(a, b) for a, b in zip(before, state.G.parameters()))    # steps were taken
+    assert all(p.dtype == torch.float32 for p in state.G.parameters())          # autocast: weights stay fp32
     path = str(tmp_path / "ck.pt")
     dm.save_checkpoint(path, state)
-    blob = torch.load(path, weights_only=True)                     # the scaler state is plain numbers
-    assert blob["scaler"]["scale"] == state.scaler.get_scale()
     fresh = dm.init_state(cfg, CPU)
-    fresh.scaler = torch.amp.GradScaler("cpu")
     dm.load_checkpoint(path, fresh)
-    assert fresh.scaler.get_scale() == state.scaler.get_scale()
-
-
-# --- checkpoints never carry compile prefixes ----------------------------------------------------------------
-class _CompiledLike(nn.Module):
-    """What torch.compile returns holds the network as the submodule `_orig_mod`, so its state dict
-    prefixes every key with '_orig_mod.'."""
-
-    def __init__(self, model):
-        super().__init__()
-        self._orig_mod = model
-
-
-def test_checkpoint_keys_have_no_compile_prefix(tmp_path, tiny_cfg):
-    state = dm.init_state(tiny_cfg, CPU)
-    state.G, state.D = _CompiledLike(state.G), _CompiledLike(state.D)
-    assert all(k.startswith("_orig_mod.") for k in state.G.state_dict())              # the hazard is real
-    path = str(tmp_path / "ck.pt")
-    dm.save_checkpoint(path, state)
-    blob = dm.read_checkpoint(path)
-    for part in ("restorer", "restorer_ema", "denoiser"):
-        assert blob[part] and not any("_orig_mod" in k for k in blob[part])
-    G, _ = dm.load_restorer(path)                                   # a plain network loads it
-    dm.load_checkpoint(path, state)                                 # and so does the wrapped state
+    assert all(torch.equal(a, b) for a, b in zip(fresh.G.parameters(), state.G.parameters()))
 
 
 # --- data: crops without host synchronisation ----------------------------------------------------------------

@@ -446,6 +446,40 @@ def test_real_photo_folders_default_to_the_papers_noise_range_and_its_start(tmp_
     assert saved["sigma_max"] == 75.0 and saved["start"] == "shipped"
     assert folders.main(cmd + ["--force", "--sigma_max", "15"]) == 0          # an explicit range wins
     text = capsys.readouterr().out
-    assert '"sigma_max": 15.0' in text and "start-awgn15.pt" in text and "ABOVE the synthetic range" in text
+    assert '"sigma_max": 15.0' in text and "start-awgn15-phone.pt" in text and "ABOVE the synthetic range" in text
+    assert "clean images: hf " in text                                        # where the clean folder sits
     assert folders.main(cmd[:3] + cmd[7:] + ["--force"]) == 0                  # no real folder: the built-in default
     assert '"sigma_max": 15.0' in capsys.readouterr().out
+
+
+def test_axis_line_names_the_nearest_measured_photographs(tmp_path):
+    path = str(tmp_path / "axis.json")
+    assert folders.axis_line(0.001, path) == ""                                  # no axis measured: nothing said
+    cell = lambda name, kind, hf, g: {"name": name, "kind": kind, "hf": hf, "da_gain_real_db": {"mean": g}}  # noqa: E731
+    cells = [cell("A x1", "photographs", 0.003, -1.0), cell("A x3", "photographs", 0.0003, 2.0),
+             cell("B x2", "photographs", 0.0008, 1.1), cell("world: phone", "built-in world", 0.00027, 5.0)]
+    json.dump({"cells": {c["name"]: c for c in cells}}, open(path, "w"))
+    line = folders.axis_line(0.00025, path)
+    assert "A x3 (hf 0.00030): +2.00 dB" in line and "B x2" in line and "A x1" not in line
+    assert "world" not in line                                                   # only photographs are quoted
+
+
+def test_noise_sigma_estimates_white_noise_and_ignores_flat_images():
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.full((4, 3, 64, 64), 0.5)
+    assert folders.noise_sigma(flat).abs().max() < 1e-3
+    for sigma in (10.0, 30.0, 60.0):
+        est = folders.noise_sigma(flat + sigma / 255 * torch.randn(flat.shape, generator=gen))
+        assert est.shape == (4,) and ((est - sigma).abs() < 0.1 * sigma).all()
+    odd = torch.rand(2, 3, 33, 35, generator=gen)                   # odd sizes: the last row/column is left out
+    assert folders.noise_sigma(odd).shape == (2,)
+
+
+def test_the_noise_line_says_whether_the_synthetic_range_covers_the_real_noise():
+    data = dm.make_data(dm.make_config("tiny"))                                 # the white domain: sigma 30-60
+    line = folders.noise_line(dm.make_config("tiny"), data.real_noisy)
+    assert "noise sigma ~" in line and "ABOVE the synthetic range" in line and "sigma <= 15/255" in line
+    assert "inside the synthetic range" in folders.noise_line(dm.make_config("tiny", sigma_max=75.0), data.real_noisy)
+    lines = []
+    dm.train(dm.make_config("tiny", steps=1), data, log=lines.append)           # the method's own line: range, start
+    assert any("synthetic: AWGN sigma <= 15/255; G starts from scratch" in x for x in lines)

@@ -197,3 +197,9 @@ def test_shrink_images_keeps_copies_small(nb_setup):
     assert out[0].data["image/png"] == small                                     # small figures stay as they are
     jpeg = Image.open(io.BytesIO(base64.b64decode(out[1].data["image/jpeg"])))
     assert "image/png" not in out[1].data and jpeg.size == (720, 240)
+
+
+def test_ddpm_sampler_runs(nb_setup):
+    D = nb_setup.dm.ConditionalDenoiser(8, (1, 2))
+    out = nb_setup.ddpm_sample(nb_setup.dm.NoiseSchedule(), D, torch.rand(2, 6, 8, 8), stride=100)
+    assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
