@@ -85,8 +85,7 @@ class Config:
     r_width: int = 16             # channels at the first level (paper: 64)
     r_depth: int = 3              # UNet levels; inputs are padded to a multiple of 2^(depth-1) (paper: 4)
     r_zero_head: bool = True      # G's last conv starts at zero (a fresh G is the identity); false: Kaiming (official)
-    start: str = "auto"           # G's starting weights: shipped (data/, the world's and sigma_max's; STARTS) | scratch
-                                  # | a checkpoint.pt PATH; auto: shipped where one fits (start_matches), else scratch
+    start: str = "auto"           # G's start: shipped (data/, STARTS) | scratch | a checkpoint PATH | auto: shipped
     # --- conditional denoiser eps_theta ---
     d_width: int = 16             # base channels (paper: 64)
     d_mults: tuple = (1, 2)       # channel multiplier per level (paper: 1,2,4,8)
@@ -103,6 +102,7 @@ class Config:
     alpha_max: float = 0.2        # final weight of the diffusion loss (official diff_weight)
     ramp_frac: float = 0.5        # fraction of training over which alpha ramps up (official: 300 epochs)
     margin: float = 0.1           # triplet hinge margin, Eq. (3) (official: 0.1)
+    d_warmup: int = 0             # steps of eps_theta alone (G frozen) before alpha ramps, as early in a long ramp
     # --- optimisation ---
     steps: int = 400              # training steps
     batch_size: int = 16          # synthetic pairs (and as many real images) per step and process (torchrun: x N)
@@ -148,7 +148,8 @@ class Config:
                    "d_res_blocks", "t_min", "t_max", "steps", "batch_size", "log_every"), lambda v: v >= 1, ">= 1"),
                  (("eval_every",), lambda v: v >= 0, ">= 0 (0: evaluate only at the end)"),
                  (("T",), lambda v: v >= 2, ">= 2"), (("seed",), lambda v: True, ""),
-                 (("sigma_max", "alpha_max", "margin"), lambda v: v >= 0, ">= 0"), (("lr",), lambda v: v > 0, "> 0"),
+                 (("sigma_max", "alpha_max", "margin", "d_warmup"), lambda v: v >= 0, ">= 0"),
+                 (("lr",), lambda v: v > 0, "> 0"),
                  (("ramp_frac",), lambda v: 0 < v <= 1, "in (0, 1]"),
                  (("ema_decay", "d_dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
                  (("beta_start", "beta_end"), lambda v: 0 < v < 1, "in (0, 1)")]
@@ -956,7 +957,9 @@ def train_step(state, data, gmodels=None):
         if uses_diffusion:                                                          # the paper's path
             x_real = real_batch(data, cfg)
             # line 2: restore both domains with the same G (one batched pass; G has no batch statistics)
-            r_syn, r_real = G(torch.cat([x_syn, x_real])).float().chunk(2)          # residuals R_syn, R_real
+            warm = s.step < cfg.d_warmup                                            # eps_theta alone: G frozen
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not warm):     # (no graph through G)
+                r_syn, r_real = G(torch.cat([x_syn, x_real])).float().chunk(2)      # residuals R_syn, R_real
             y_syn_hat, y_real_hat = x_syn + r_syn, x_real + r_real
             loss_res = charbonnier(y_syn_hat, y_syn)                                # L_Res on synthetic pairs
             # line 3: the image that is noised: y_syn (Algorithm A) or an unpaired clean image (B)
@@ -967,9 +970,9 @@ def train_step(state, data, gmodels=None):
             c_a, c_b = condition_pair(conditions, y_syn_hat, y_real_hat)            # (y_syn_hat, y_real_hat) for DA
             loss_dif, dparts = diffusion_loss(D, s.schedule, y0, c_a, c_b, neg, shuffle, cfg.margin,
                                               (cfg.t_min, cfg.t_max))
-            alpha = alpha_ramp(s.step, cfg.ramp_frac * cfg.steps, cfg.alpha_max)
-            # line 7: the total loss, one backward through G and eps_theta (nothing detached)
-            loss = loss_res + alpha * loss_dif
+            alpha = alpha_ramp(max(s.step - cfg.d_warmup, 0), cfg.ramp_frac * cfg.steps, cfg.alpha_max)
+            # line 7: the total loss, one backward through G and eps_theta (warm-up: L_noise for eps_theta alone)
+            loss = loss_dif if warm else loss_res + alpha * loss_dif
             parts = {"loss_res": loss_res.detach(), "loss_dif": loss_dif.detach(), "alpha": alpha,
                      **({"hinge": dparts["hinge"], "gap": dparts["mse_neg"] - dparts["mse"]} if contrast else {})}
         elif cfg.method in PLUGINS:                                                 # e.g. baselines.py
@@ -1078,9 +1081,8 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
         log(f"[{cfg.method}] data-parallel: {world} processes ({'nccl' if device.type == 'cuda' else 'gloo'}), "
             f"global batch {cfg.batch_size} x {world} = {cfg.batch_size * world} synthetic pairs a step")
     uses_diffusion, _, contrast = METHODS[cfg.method][:3]
-    # a fixed batch for the mechanism diagnostic (real pairs: the clean half is used only to measure);
-    torch.manual_seed(cfg.seed + 1)                 # without real ground truth (a folder of real images): none
-    diag = (*syn_batch(data, cfg), *real_pairs_batch(data, cfg)) if data.real_clean is not None else None
+    torch.manual_seed(cfg.seed + 1)                 # a fixed batch for the diagnostic (real pairs: the clean half only
+    diag = (*syn_batch(data, cfg), *real_pairs_batch(data, cfg)) if data.real_clean is not None else None  # measures)
     torch.manual_seed(cfg.seed + 2 + state.step     # a run resumed at step k draws new batches, not those of 0..k;
                       + 1_000_003 * rank)           # each process its own batches, noise and swaps
     h, t0, start = state.history, time.time(), state.step
@@ -1088,14 +1090,15 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
     guard = DivergenceGuard(cfg, device, ckpt, saved=state.step if state.step else None)
     params = [p for g in state.opt.param_groups for p in g["params"]]
     state.G.train(), state.D.train()
-    for step in range(state.step, cfg.steps):
+    end = cfg.steps + (cfg.d_warmup if uses_diffusion else 0)                     # the warm-up comes first
+    for step in range(state.step, end):
         parts = train_step(state, data, gmodels)
         terms = {k: v for k, v in parts.items() if torch.is_tensor(v)}               # alpha is a float
         terms["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         guard.update(step + 1, terms)
         if contrast:                                                                # on the device: no sync
             rs_stats += torch.stack([(parts["hinge"] > 0).float(), parts["gap"].float(), torch.ones((), device=device)])
-        last = step + 1 == cfg.steps
+        last = step + 1 == end
         logging = last or (step + 1) % cfg.log_every == 0
         evaluating = last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
         if logging or evaluating:
@@ -1105,8 +1108,8 @@ def train(cfg, data=None, out=None, resume=False, log=print, G=None, on_eval=Non
             h["step"].append(step + 1)
             for k in ("loss_res", "loss_dif", "alpha", "hinge"):
                 h[k].append(vals.get(k, float("nan")))
-            eta = (time.time() - t0) / (step + 1 - start) * (cfg.steps - step - 1)
-            log(f"[{cfg.method}] step {step + 1}/{cfg.steps} " +
+            eta = (time.time() - t0) / (step + 1 - start) * (end - step - 1)
+            log(f"[{cfg.method}] step {step + 1}/{end} " +
                 " ".join(f"{k} {v:.4g}" for k, v in vals.items()) + f" | eta {eta:.0f}s")
         if not evaluating:
             continue
@@ -1214,9 +1217,8 @@ def load_start(G, path):
     try:
         G.load_state_dict(blob[eval_key(blob)])
     except RuntimeError as e:
-        c = blob["config"]
-        raise ValueError(f"start checkpoint {path!r} holds a restorer of r_width={c.get('r_width')}, "
-                         f"r_depth={c.get('r_depth')}, which does not fit this config: {e}") from e
+        raise ValueError(f"start checkpoint {path!r} holds a restorer of r_width={blob['config'].get('r_width')}, "
+                         f"r_depth={blob['config'].get('r_depth')}, which does not fit this config: {e}") from e
     return G
 
 

@@ -11,6 +11,7 @@ each. They import dada_min (the method) and never the other way round.
     python experiments.py world_effect # vanilla / DA / oracle on each of those worlds, 3 seeds (docs/effect.md)
     python experiments.py regime_map   # helps / idles / destroys per world and domain, 3 seeds (docs/effect.md)
     python experiments.py axis --photos DIR [--photos DIR ...]   # DA - vanilla against clean hf, photos and worlds
+    python experiments.py ladder [--photos DIR]   # is the smoothing push a weak denoiser's? (docs/effect.md)
     python experiments.py NAME --quick # a seconds-long run (what the tests use); --field value as dada_min.py
     python experiments.py --make-start # retrain the shipped converged starts data/start-*.pt
 
@@ -109,6 +110,22 @@ def finish(name, out, results, t0, c0, log):
     log(f"\nwrote {out}/{name}.json; runtime {results['wall_seconds']:.0f} s wall, "
         f"{results['cpu_seconds']:.0f} s CPU ({torch.get_num_threads()} threads)")
     return results
+
+
+def kept_cells(path, results, log, per_cell=()):
+    """The cells of an earlier run's JSON at `path` when it ran the same settings and seeds, so that a rerun (or a run
+    stopped half-way) trains only what is missing. Config fields that each cell sets itself (per_cell) do not count;
+    nor do fields the code gained (at their defaults) or lost since, which keep the behaviour of that run."""
+    if not os.path.isfile(path):
+        return {}
+    old, now = json.load(open(path)), json.loads(json.dumps(results["config"]))
+    defaults = json.loads(json.dumps(dataclasses.asdict(dm.Config())))
+    same = lambda a, b: {k: v for k, v in a.items() if k in b and k not in per_cell}    # noqa: E731
+    if (same(old.get("config", {}), now), old.get("seeds")) != (same(now, old.get("config", {})), results["seeds"]) or \
+            any(now[k] != defaults[k] for k in set(now) - set(old.get("config", {}))):
+        return {}
+    log(f"[{results['experiment']}] {len(old['cells'])} cell(s) kept from {path}")
+    return old["cells"]
 
 
 def pyplot():
@@ -926,12 +943,7 @@ def exp_regime_map(cfg, out, quick, log=print, cells=None):
     t0, c0, device = begin(cfg, out)
     seeds, path = exp_seeds(cfg, quick), os.path.join(out, "regime_map.json")
     results = {"experiment": "regime_map", "config": dataclasses.asdict(cfg), "seeds": seeds, "cells": {}}
-    if os.path.isfile(path):
-        old = json.load(open(path))
-        same = lambda c: {k: v for k, v in c.items() if k not in PER_CELL}                # noqa: E731
-        if (same(old.get("config", {})), old.get("seeds")) == (same(json.loads(json.dumps(results["config"]))), seeds):
-            results["cells"] = old["cells"]
-            log(f"[regime_map] {len(old['cells'])} cell(s) kept from {path}")
+    results["cells"] = kept_cells(path, results, log, PER_CELL)
     for world, domain, sigma_max in cells or REGIME_CELLS:
         key = cell_key(world, domain, sigma_max)
         if key in results["cells"]:
@@ -1074,11 +1086,7 @@ def exp_axis(cfg, out, quick, log=print, photos=()):
     t0, c0, device = begin(cfg, out)
     seeds, path = exp_seeds(cfg, quick), os.path.join(out, "axis.json")
     results = {"experiment": "axis", "config": dataclasses.asdict(cfg), "seeds": seeds, "cells": {}}
-    if os.path.isfile(path):
-        old = json.load(open(path))
-        if (old.get("config"), old.get("seeds")) == (json.loads(json.dumps(results["config"])), seeds):
-            results["cells"] = old["cells"]
-            log(f"[axis] {len(old['cells'])} set(s) kept from {path}")
+    results["cells"] = kept_cells(path, results, log)
     for name, (kind, load) in axis_sets(photos, quick).items():
         if name in results["cells"]:
             continue
@@ -1120,6 +1128,150 @@ def exp_axis(cfg, out, quick, log=print, photos=()):
     for claim, ok in results["claims"].items():
         log(f"  {claim}: {ok}")
     return finish("axis", out, results, t0, c0, log)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The denoiser ladder: is the smoothing push a weak denoiser's? (docs/effect.md, pre-registered)
+# ----------------------------------------------------------------------------------------------------------
+# Rungs on one axis at a time from the base (the cpu-demo denoiser, no warm-up, lr 1e-3): a longer warm-up of eps_theta
+# alone (the paper's ramp is long), a larger eps_theta (with the levels and attention the size needs), a lower lr
+# with 4x the steps (vanilla and the oracle follow the lr rung, so every comparison is paired).
+LADDER_RUNGS = {"base": {}, "warm-up 1000": dict(d_warmup=1000), "warm-up 4000": dict(d_warmup=4000),
+                "width 32": dict(d_width=32, d_mults=(1, 2, 2), d_res_blocks=2, d_attn=True),
+                "width 64": dict(d_width=64, d_mults=(1, 2, 2), d_res_blocks=2, d_attn=True),
+                "lr 1e-4, 4x steps": dict(lr=1e-4, steps_factor=4)}
+LADDER_QUICK = {"base": {}, "warm-up 1000": dict(d_warmup=2), "lr 1e-4, 4x steps": dict(lr=1e-4, steps_factor=2)}
+
+
+def rung_config(c, over):
+    """c with one rung's overrides (steps_factor multiplies c.steps)."""
+    over = dict(over)
+    return dataclasses.replace(c, steps=c.steps * over.pop("steps_factor", 1), **over).validate()
+
+
+def ladder_domains(photos, quick=False):
+    """name -> (how its data is made): the built-in natural world with the white domain, and each photograph folder at
+    its native size through the folder protocol of the axis (write_axis_folders; scored on whole evaluation tiles)."""
+    doms = {"natural x white": None}
+    for name, (kind, load) in axis_sets(photos, quick).items():
+        if kind == "photographs" and name.endswith(" x1"):
+            doms[name] = load
+    return doms
+
+
+@experiment(size=dict(AXIS_CONFIG), quick=dict(AXIS_CONFIG, start="scratch", steps=4, log_every=4))
+def exp_ladder(cfg, out, quick, log=print, photos=()):
+    """The denoiser ladder of docs/effect.md: per domain (ladder_domains) and seed, vanilla and the oracle (at the base
+    and at the lr rung's optimiser) and DA at every rung of LADDER_RUNGS, each scored on real-like and synthetic PSNR,
+    the mechanism diagnostic (64 draws) and the octave-band errors. Writes out/ladder.json after every (domain, rung)
+    cell (a rerun with the same settings keeps them), out/ladder.md and out/ladder.png."""
+    t0, c0, device = begin(cfg, out)
+    seeds, path = exp_seeds(cfg, quick), os.path.join(out, "ladder.json")
+    results = {"experiment": "ladder", "config": dataclasses.asdict(cfg), "seeds": seeds, "cells": {}}
+    results["cells"] = kept_cells(path, results, log)
+    rungs = LADDER_QUICK if quick else LADDER_RUNGS                                 # --quick: three rungs, seconds
+    for dom, load in ladder_domains(photos, quick).items():
+        data_of, score = {}, None
+        if load is not None:
+            root = os.path.join(out, "folders", dom.replace(" ", "_"))
+            write_axis_folders(load(), root, torch.Generator().manual_seed(0), quick)
+            dirs = [os.path.join(root, k) for k in ("clean", "real", "eval")]
+            score = lambda G: folders.evaluate_folder(G, dirs[2], log=lambda s: None)["mean_psnr"]  # noqa: E731
+        for seed in seeds:
+            c = dataclasses.replace(cfg, seed=seed)
+            data_of[seed] = (dm.make_data(c, device) if load is None else
+                             folders.load_folder_data(c, dirs[0], None, dirs[1], dirs[2], device, log=lambda s: None))
+        bases = {}                                                                   # (method, lr rung?) -> runs
+
+        def run(c, data):
+            state = dm.train(c, data, log=seed_log(log, c.seed))
+            m = scored(state.G_eval, data)
+            m["real_psnr_tiles"] = score(state.G_eval) if score else m["real_psnr"]
+            if dm.METHODS[c.method][0]:
+                m["diag"] = diagnostic_draws(state, data, 4 if quick else 64)
+            return m
+        for rung, over in rungs.items():
+            key = f"{dom} | {rung}"
+            if key in results["cells"]:
+                continue
+            lr_rung = "steps_factor" in over
+            runs = {"da": []}
+            for seed in seeds:
+                c = dataclasses.replace(cfg, seed=seed)
+                for m in ("vanilla", "oracle"):
+                    k = (m, lr_rung, seed)
+                    if k not in bases:
+                        opt = {kk: v for kk, v in over.items() if kk in ("lr", "steps_factor")}
+                        bases[k] = run(rung_config(dataclasses.replace(c, method=m), opt), data_of[seed])
+                runs["da"].append(run(rung_config(dataclasses.replace(c, method="da"), over), data_of[seed]))
+            runs["vanilla"] = [bases["vanilla", lr_rung, s] for s in seeds]
+            runs["oracle"] = [bases["oracle", lr_rung, s] for s in seeds]
+            v, d, o = ([r["real_psnr_tiles"] for r in runs[m]] for m in ("vanilla", "da", "oracle"))
+            results["cells"][key] = cell = {
+                "domain": dom, "rung": rung, "overrides": {k: list(x) if isinstance(x, tuple) else x
+                                                           for k, x in over.items()},
+                **{m: mean_std([r["real_psnr_tiles"] for r in rs]) for m, rs in runs.items()},
+                "da_gain_real_db": mean_std([b - a for a, b in zip(v, d)]),
+                "gap_closed": mean_std([(b - a) / (c_ - a) for a, b, c_ in zip(v, d, o)]),
+                "da_syn_change_db": mean_std([b["syn_psnr"] - a["syn_psnr"] for a, b in zip(runs["vanilla"], runs["da"])]),
+                "diag": mean_std([r["diag"] for r in runs["da"]]),
+                "bands": {m: [float(np.mean(b)) for b in zip(*[x["real_bands"] for x in rs])] for m, rs in runs.items()}}
+            log(f"[ladder] {key}: DA - vanilla {fmt(cell['da_gain_real_db'])} dB, diagnostic {fmt(cell['diag'], 3)}, "
+                f"4-8 px band {cell['bands']['vanilla'][2]:.2f} -> {cell['bands']['da'][2]:.2f}  ({time.time() - t0:.0f} s)")
+            results["claims"] = ladder_claims(results["cells"])
+            dm.atomic_write_text(path, json.dumps(results, indent=1))
+    results["claims"] = ladder_claims(results["cells"])
+    lines = ["| domain | rung | vanilla | DA | oracle | DA − vanilla | gap closed | DA syn change | diagnostic | band errors "
+             "1-2 / 2-4 / 4-8 px, vanilla → DA |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in results["cells"].values():
+        b = lambda m: " / ".join(f"{x:.2f}" for x in c["bands"][m][:3])            # noqa: E731
+        lines.append(f"| {c['domain']} | {c['rung']} | {fmt(c['vanilla'])} | {fmt(c['da'])} | {fmt(c['oracle'])} | "
+                     f"{fmt(c['da_gain_real_db'])} | {fmt(c['gap_closed'])} | {fmt(c['da_syn_change_db'])} | "
+                     f"{fmt(c['diag'], 3)} | {b('vanilla')} → {b('da')} |")
+    dm.atomic_write_text(os.path.join(out, "ladder.md"), "\n".join(lines) + "\n")
+    ladder_figure(os.path.join(out, "ladder.png"), results)
+    log("\n" + "\n".join(lines) + "\n")
+    for claim, ok in results["claims"].items():
+        log(f"  {'holds ' if ok else 'FAILS '} {claim}")
+    return finish("ladder", out, results, t0, c0, log)
+
+
+def ladder_claims(cells):
+    """D1-D3 of docs/effect.md, on the domains whose rungs are all measured (means over seeds)."""
+    out = {}
+    for dom in dict.fromkeys(c["domain"] for c in cells.values()):
+        c = {k.split(" | ")[1]: v for k, v in cells.items() if v["domain"] == dom}
+        if set(c) != set(LADDER_RUNGS):
+            continue
+        diag = {k: v["diag"]["mean"] for k, v in c.items()}
+        gain = {k: v["da_gain_real_db"]["mean"] for k, v in c.items()}
+        band = {k: v["bands"]["da"][2] for k, v in c.items()}
+        out[f"D1 ({dom}): the diagnostic rises along warm-up and width"] = bool(
+            diag["base"] < diag["warm-up 1000"] < diag["warm-up 4000"] and diag["base"] < diag["width 32"] < diag["width 64"])
+        out[f"D2 ({dom}): DA - vanilla turns positive at the strongest warm-up or width rung"] = bool(
+            gain["warm-up 4000"] > 0 or gain["width 64"] > 0)
+        out[f"D3 ({dom}): DA's 4-8 px error falls at the strongest rungs"] = bool(
+            band["warm-up 4000"] < band["base"] and band["width 64"] < band["base"])
+    return out
+
+
+def ladder_figure(path, results):
+    """Per domain: DA - vanilla (bars) and the diagnostic (dots) at each rung."""
+    plt = pyplot()
+    doms = list(dict.fromkeys(c["domain"] for c in results["cells"].values()))
+    fig, axes = plt.subplots(1, len(doms), figsize=(5.5 * len(doms), 3.8), squeeze=False)
+    for ax, dom in zip(axes[0], doms):
+        cs = [c for c in results["cells"].values() if c["domain"] == dom]
+        xs = np.arange(len(cs))
+        ax.bar(xs, [c["da_gain_real_db"]["mean"] for c in cs], yerr=[c["da_gain_real_db"]["std"] or 0 for c in cs],
+               capsize=3, color="tab:blue", label="DA − vanilla (dB)")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(xs, [c["rung"] for c in cs], rotation=25, ha="right", fontsize=7)
+        ax.set_ylabel("DA − vanilla, real-like PSNR (dB)"), ax.set_title(dom, fontsize=9)
+        ax2 = ax.twinx()
+        ax2.plot(xs, [c["diag"]["mean"] for c in cs], "o", color="tab:red", label="diagnostic cos")
+        ax2.set_ylabel("mechanism diagnostic (cos)", color="tab:red")
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1370,7 +1522,7 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="the seconds-long size used by the tests")
     p.add_argument("--out", default=None, help="output directory (default: runs/NAME)")
     p.add_argument("--photos", action="append", default=[], metavar="DIR",
-                   help="worlds, axis: a folder of clean photographs (repeat the flag for several)")
+                   help="worlds, axis, ladder: a folder of clean photographs (repeat the flag for several)")
     return p
 
 
@@ -1407,8 +1559,8 @@ def main(argv=None):
             cfg = dm.parse_config(args)
     except ValueError as e:
         parser.error(str(e))
-    if args.photos and args.name not in ("worlds", "axis"):
-        parser.error("--photos is for the worlds and axis experiments")
+    if args.photos and args.name not in ("worlds", "axis", "ladder"):
+        parser.error("--photos is for the worlds, axis and ladder experiments")
     for folder in args.photos:
         if not os.path.isdir(folder):
             parser.error(f"--photos {folder!r} is not a folder")
