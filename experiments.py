@@ -128,6 +128,17 @@ def kept_cells(path, results, log, per_cell=()):
     return old["cells"]
 
 
+def report(name, out, results, table, figure, t0, c0, log):
+    """The end of a map-like experiment: its table to out/NAME.md and to the log, its figure out/NAME.png, its claims
+    (pre-registered hypotheses, each holds or FAILS), then finish()."""
+    dm.atomic_write_text(os.path.join(out, f"{name}.md"), table + "\n")
+    figure(os.path.join(out, f"{name}.png"), results)
+    log("\n" + table + "\n")
+    for claim, ok in results["claims"].items():
+        log(f"  {'holds ' if ok else 'FAILS '} {claim}")
+    return finish(name, out, results, t0, c0, log)
+
+
 def pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -968,13 +979,7 @@ def exp_regime_map(cfg, out, quick, log=print, cells=None):
         results["claims"] = regime_claims(results["cells"])
         dm.atomic_write_text(path, json.dumps(results, indent=1))
     results["claims"] = regime_claims(results["cells"])                            # also when every cell was kept
-    table = regime_table(results)
-    dm.atomic_write_text(os.path.join(out, "regime_map.md"), table + "\n")
-    regime_figure(os.path.join(out, "regime_map.png"), results)
-    log("\n" + table + "\n")
-    for claim, ok in results["claims"].items():
-        log(f"  {'holds ' if ok else 'FAILS '} {claim}")
-    return finish("regime_map", out, results, t0, c0, log)
+    return report("regime_map", out, results, regime_table(results), regime_figure, t0, c0, log)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1046,7 +1051,7 @@ def axis_claims(cells):
     rho = float(np.corrcoef(rank([c["hf"] for c in photo]), rank([c["da_gain_real_db"]["mean"] for c in photo]))[0, 1])
     smooth = [c for c in photo if c["hf"] <= 0.0005]
     rough = [c for c in photo if c["hf"] >= 0.002]
-    return {"A1: DA - vanilla falls as hf rises (rank correlation < 0)": rho < 0, "rank correlation": rho,
+    return {f"A1: DA - vanilla falls as hf rises (rank correlation {rho:+.2f} < 0)": bool(rho < 0),
             "A2: every cell with hf <= 0.0005 helps, none with hf >= 0.002 does": bool(smooth) and
             all(c["da_gain_real_db"]["mean"] > REGIME_DB for c in smooth) and
             all(c["da_gain_real_db"]["mean"] <= REGIME_DB for c in rough)}
@@ -1122,12 +1127,7 @@ def exp_axis(cfg, out, quick, log=print, photos=()):
         lines.append(f"| {c['name']} | {c['kind']} | {c['hf']:.5f} | {c['identity_real_psnr']:.2f} | "
                      f"{fmt(c['vanilla'])} | {fmt(c['da'])} | {fmt(c['oracle'])} | {fmt(c['da_gain_real_db'])} | "
                      f"**{c['regime']}** | {fmt(c['gap_closed'])} | {fmt(c['da_syn_change_db'])} |")
-    dm.atomic_write_text(os.path.join(out, "axis.md"), "\n".join(lines) + "\n")
-    axis_figure(os.path.join(out, "axis.png"), results)
-    log("\n" + "\n".join(lines) + "\n")
-    for claim, ok in results["claims"].items():
-        log(f"  {claim}: {ok}")
-    return finish("axis", out, results, t0, c0, log)
+    return report("axis", out, results, "\n".join(lines), axis_figure, t0, c0, log)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1228,12 +1228,7 @@ def exp_ladder(cfg, out, quick, log=print, photos=()):
         lines.append(f"| {c['domain']} | {c['rung']} | {fmt(c['vanilla'])} | {fmt(c['da'])} | {fmt(c['oracle'])} | "
                      f"{fmt(c['da_gain_real_db'])} | {fmt(c['gap_closed'])} | {fmt(c['da_syn_change_db'])} | "
                      f"{fmt(c['diag'], 3)} | {b('vanilla')} → {b('da')} |")
-    dm.atomic_write_text(os.path.join(out, "ladder.md"), "\n".join(lines) + "\n")
-    ladder_figure(os.path.join(out, "ladder.png"), results)
-    log("\n" + "\n".join(lines) + "\n")
-    for claim, ok in results["claims"].items():
-        log(f"  {'holds ' if ok else 'FAILS '} {claim}")
-    return finish("ladder", out, results, t0, c0, log)
+    return report("ladder", out, results, "\n".join(lines), ladder_figure, t0, c0, log)
 
 
 def ladder_claims(cells):

@@ -395,10 +395,9 @@ def test_axis_quick_puts_photos_and_worlds_on_one_axis(tmp_path):
     cells = {k: {"kind": "photographs", "hf": hf, "da_gain_real_db": {"mean": g}} for k, hf, g in (
         ("a", 1e-4, 2.0), ("b", 1e-3, 0.5), ("c", 3e-3, -1.0))}
     claims = experiments.axis_claims(cells)
-    assert claims["A1: DA - vanilla falls as hf rises (rank correlation < 0)"]
-    assert claims["A2: every cell with hf <= 0.0005 helps, none with hf >= 0.002 does"]
+    assert list(claims.values()) == [True, True] and "rank correlation -1.00" in list(claims)[0]
     cells["c"]["da_gain_real_db"]["mean"] = 3.0
-    assert not any(v for k, v in experiments.axis_claims(cells).items() if k.startswith("A"))
+    assert list(experiments.axis_claims(cells).values()) == [False, False]
 
 
 def test_band_errors_see_each_scale():
