@@ -299,7 +299,9 @@ def axis_line(hf, path=AXIS_JSON):
     cells = [c for c in json.load(open(path))["cells"].values() if c["kind"] == "photographs"]
     near = sorted(cells, key=lambda c: abs(math.log(c["hf"] / hf)))[:2]
     said = "; ".join(f"{c['name']} (hf {c['hf']:.5f}): {c['da_gain_real_db']['mean']:+.2f} dB" for c in near)
-    return f"on the smoothness axis (docs/effect.md), DA - vanilla nearest this hf: {said}"
+    lo, hi = min(c["hf"] for c in cells), max(c["hf"] for c in cells)
+    beyond = "" if lo <= hf <= hi else f" (this hf lies {'above' if hf > hi else 'below'} every measured set)"
+    return f"on the smoothness axis (docs/effect.md), DA - vanilla nearest this hf: {said}{beyond}"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -461,7 +461,8 @@ def test_axis_line_names_the_nearest_measured_photographs(tmp_path):
     json.dump({"cells": {c["name"]: c for c in cells}}, open(path, "w"))
     line = folders.axis_line(0.00025, path)
     assert "A x3 (hf 0.00030): +2.00 dB" in line and "B x2" in line and "A x1" not in line
-    assert "world" not in line                                                   # only photographs are quoted
+    assert "world" not in line and "lies" not in line                            # only photographs are quoted
+    assert "lies above every measured set" in folders.axis_line(0.01, path)      # no extrapolation unsaid
 
 
 def test_noise_sigma_estimates_white_noise_and_ignores_flat_images():
