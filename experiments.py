@@ -524,7 +524,7 @@ def diagnostic_draws(state, data, draws=64, n_real=16):
 def contrast_gap_by_gamma(state, data, draws=16):
     """The per-noise-level view of the RS term: at each gamma in GAP_LEVELS, the mean over samples (and
     `draws` draws) of the per-sample noise-MSE gap MSE(eps, eps_neg) - MSE(eps, eps_pos), and the same gap
-    in image units, times (1 - gamma) / gamma (what x0_hinge compares with its margin). A batch-mean hinge
+    in image units, times (1 - gamma) / gamma (the scale of a per-sample hinge on x0 errors). A batch-mean hinge
     of margin m is inactive whenever the batch's mean noise gap exceeds m."""
     cfg, G, D, sched = state.cfg, state.G, state.D, state.schedule
     was_training = D.training
