@@ -85,7 +85,8 @@ class Config:
     r_width: int = 16             # channels at the first level (paper: 64)
     r_depth: int = 3              # UNet levels; inputs are padded to a multiple of 2^(depth-1) (paper: 4)
     r_zero_head: bool = True      # G's last conv starts at zero (a fresh G is the identity); false: Kaiming (official)
-    start: str = "auto"           # G's start: shipped (data/, STARTS) | scratch | a checkpoint PATH | auto: shipped
+    start: str = "auto"           # G's start: shipped (data/, the world's and sigma_max's; STARTS) | scratch
+                                  # | a checkpoint.pt PATH; auto: shipped where one fits (start_matches), else scratch
     # --- conditional denoiser eps_theta ---
     d_width: int = 16             # base channels (paper: 64)
     d_mults: tuple = (1, 2)       # channel multiplier per level (paper: 1,2,4,8)
@@ -239,15 +240,16 @@ def dead_leaves(n, size, gen, n_discs=250, min_radius=3.0, device="cpu", chunk=3
     yx = torch.stack(torch.meshgrid(ar, ar, indexing="ij"), -1).view(1, s * s, 2)  # (1, s*s, 2) pixel coords
     out = []
     for i in range(0, n, chunk):                  # chunks bound the (m, K, s, s) memory
-        c, r = centre[i:i + chunk], radius[i:i + chunk]
-        dy = ar.view(1, 1, s, 1) - c[:, :, 0, None, None]                           # (m, K, s, 1)
-        dx = ar.view(1, 1, 1, s) - c[:, :, 1, None, None]                           # (m, K, 1, s)
-        inside = (dy ** 2 + dx ** 2 < r[:, :, None, None] ** 2).flatten(2)          # (m, K, s*s)
-        front = inside.to(torch.uint8).argmax(1)        # (m, s*s): the FIRST disc over each pixel (argmax: first max)
-        slope_px, centre_px, colour_px = (v[i:i + chunk].gather(1, front[..., None].expand(-1, -1, v.shape[-1]))
-                                          for v in (slope, centre, colour))         # that disc's parameters
+        dy = ar.view(1, 1, s, 1) - centre[i:i + chunk, :, 0, None, None]            # (m, K, s, 1)
+        dx = ar.view(1, 1, 1, s) - centre[i:i + chunk, :, 1, None, None]            # (m, K, 1, s)
+        inside = (dy ** 2 + dx ** 2 < radius[i:i + chunk, :, None, None] ** 2).flatten(2)   # (m, K, s*s)
+        front = torch.full(inside[:, 0].shape, n_discs)  # (m, s*s): the FIRST disc over each pixel, K where none:
+        for k in range(n_discs - 1, -1, -1):            # painted from the last disc to the first (faster than argmax)
+            front = torch.where(inside[:, k], k, front)
+        slope_px, centre_px, colour_px = (torch.take_along_dim(v[i:i + chunk], front.clamp(max=n_discs - 1)[..., None],
+                                                               1) for v in (slope, centre, colour))   # its parameters
         shade = 1 + (slope_px * (yx - centre_px)).sum(-1, keepdim=True)             # (m, s*s, 1)
-        img = torch.where(inside.any(1)[..., None], colour_px * shade, background[i:i + chunk, None])
+        img = torch.where((front < n_discs)[..., None], colour_px * shade, background[i:i + chunk, None])
         out.append(img.view(-1, s, s, 3).permute(0, 3, 1, 2))                       # (m, 3, s, s)
     return F.avg_pool2d(torch.cat(out), 2).clamp(0, 1)
 
@@ -274,8 +276,7 @@ natural_leaves = soft_leaves
 # hf 0.00027, edges 0.0105, slope -2.89 (SIDD / PolyU / Nam ground truths: 0.00012-0.00032, 0.006-0.017, -2.3/-2.9).
 phone_leaves = functools.partial(soft_leaves, n_discs=100, min_radius=14.0, contrast=1.0, lens=2.0, texture=0.02)
 
-# world -> clean(n, size, gen): the built-in clean images (Config.world)
-WORLDS = {"natural": natural_leaves, "dead-leaves": dead_leaves, "phone": phone_leaves}
+WORLDS = {"natural": natural_leaves, "dead-leaves": dead_leaves, "phone": phone_leaves}   # Config.world -> generator
 
 
 def add_awgn(y, sigma_max, gen=None):
@@ -481,8 +482,7 @@ class Data:
 
 
 def make_data(cfg, device="cpu", clean=None):
-    """Deterministic built-in data from cfg.seed: four disjoint sets of clean images, made by clean(n, size, gen)
-    (default: WORLDS[cfg.world])."""
+    """Deterministic built-in data from cfg.seed: four disjoint clean sets from clean(n, size, gen) (or the world's)."""
     gen, clean = torch.Generator().manual_seed(cfg.seed), clean or WORLDS[cfg.world]
     real_fn = TASKS[cfg.task]["real"][cfg.real_noise]
     sizes = [cfg.n_syn, cfg.n_real, cfg.n_test, cfg.n_test]

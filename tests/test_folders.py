@@ -448,7 +448,7 @@ def test_real_photo_folders_default_to_the_papers_noise_range_and_its_start(tmp_
     text = capsys.readouterr().out
     assert '"sigma_max": 15.0' in text and "start-awgn15-phone.pt" in text and "ABOVE the synthetic range" in text
     assert "clean images: hf " in text                                        # where the clean folder sits
-    assert folders.main(cmd[:3] + cmd[7:] + ["--force"]) == 0                  # no real folder: the built-in default
+    assert folders.main(cmd[:3] + cmd[7:] + ["--force", "--n_syn", "16", "--n_real", "16"]) == 0  # no real folder
     assert '"sigma_max": 15.0' in capsys.readouterr().out
 
 
@@ -459,10 +459,11 @@ def test_axis_line_names_the_nearest_measured_photographs(tmp_path):
     cells = [cell("A x1", "photographs", 0.003, -1.0), cell("A x3", "photographs", 0.0003, 2.0),
              cell("B x2", "photographs", 0.0008, 1.1), cell("world: phone", "built-in world", 0.00027, 5.0)]
     json.dump({"cells": {c["name"]: c for c in cells}}, open(path, "w"))
-    line = folders.axis_line(0.00025, path)
+    line = folders.axis_line(0.00035, path)
     assert "A x3 (hf 0.00030): +2.00 dB" in line and "B x2" in line and "A x1" not in line
-    assert "world" not in line and "lies" not in line                            # only photographs are quoted
+    assert "phone" not in line and "lies" not in line                            # only photographs are quoted
     assert "lies above every measured set" in folders.axis_line(0.01, path)      # no extrapolation unsaid
+    assert "lies below every measured set" in folders.axis_line(0.00025, path)   # the world's 0.00027 does not count
 
 
 def test_noise_sigma_estimates_white_noise_and_ignores_flat_images():
