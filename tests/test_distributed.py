@@ -13,27 +13,28 @@ DRIVER = os.path.join(ROOT, "tests", "ddp_driver.py")
 FLAGS = ["--preset", "tiny", "--method", "da", "--device", "cpu", "--eval_every", "2", "--log_every", "2"]
 
 
-def torchrun(*args, nproc=2, timeout=300):
-    """Launch the driver under torchrun (nproc > 1) or in a fresh process; returns the CompletedProcess."""
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-              if nproc > 1 else [sys.executable])
+def torchrun(*args, timeout=300):
+    """Launch the driver under torchrun with 2 processes; returns the CompletedProcess."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(launch + [DRIVER, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def in_this_process(*args):
     """Run the driver's cases in this process (one process, no torchrun; it saves a process start). Returns None, or
-    the traceback of what it raised; dada_min and sys.argv are as they were afterwards."""
+    the traceback of what it raised. The driver patches dada_min's functions: all of them, and sys.argv, are as they
+    were afterwards, even when a case fails half-way."""
     import runpy
     import traceback
-    saved = dm.dist_teardown, sys.argv
+    saved, argv = dict(vars(dm)), sys.argv
     sys.argv = [DRIVER, *args]
     try:
         runpy.run_path(DRIVER, run_name="__main__")
     except BaseException:                                                      # the driver may sys.exit
         return traceback.format_exc()
     finally:
-        dm.dist_teardown, sys.argv = saved
+        vars(dm).update(saved)
+        sys.argv = argv
 
 
 @pytest.fixture(scope="module")
