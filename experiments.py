@@ -1147,22 +1147,47 @@ LADDER_RUNGS = {"base": {}, "warm-up 1000": dict(d_warmup=1000), "warm-up 4000":
                 "width 64": dict(d_width=64, d_mults=(1, 2, 2), d_res_blocks=2, d_attn=True),
                 "lr 1e-4, 4x steps": dict(lr=1e-4, steps_factor=4)}
 LADDER_QUICK = {"base": {}, "warm-up 1000": dict(d_warmup=2), "lr 1e-4, 4x steps": dict(lr=1e-4, steps_factor=2)}
+# At the gpu and paper sizes (docs/ladder-device.sh) eps_theta is already the preset's (16 M, 62.6 M parameters): the
+# size is the capacity rung, and each size runs the base and a warm-up of 4x its steps. No start is shipped at those
+# sizes, so the ladder first trains one (vanilla, synthetic only, LADDER_START_FACTOR x the steps, seed 0), as the
+# shipped start is, and every run of every rung continues from it.
+LADDER_DEVICE = {"base": {}, "warm-up 4x steps": dict(warmup_factor=4)}
+LADDER_START_FACTOR = 5
 
 
 def rung_config(c, over):
-    """c with one rung's overrides (steps_factor multiplies c.steps)."""
+    """c with one rung's overrides (steps_factor multiplies c.steps, warmup_factor sets d_warmup to a multiple)."""
     over = dict(over)
-    return dataclasses.replace(c, steps=c.steps * over.pop("steps_factor", 1), **over).validate()
+    steps, warm = c.steps * over.pop("steps_factor", 1), over.pop("warmup_factor", None)
+    return dataclasses.replace(c, steps=steps, **over, **({"d_warmup": warm * c.steps} if warm else {})).validate()
+
+
+def ladder_rungs(cfg, quick=False):
+    """The cpu-demo ladder on the shipped start, the device ladder (LADDER_DEVICE) on a start of its own."""
+    return LADDER_QUICK if quick else LADDER_RUNGS if cfg.start != "scratch" else LADDER_DEVICE
+
+
+def ladder_start(cfg, out, make_data, log):
+    """A ladder from scratch first trains its start (vanilla, LADDER_START_FACTOR x steps, seed 0, on make_data())
+    and returns the config every run continues from; a rerun keeps out/start.pt. A shipped start is used as it is."""
+    if cfg.start != "scratch":
+        return cfg
+    path = os.path.join(out, "start.pt")
+    if not os.path.isfile(path):
+        c = dataclasses.replace(cfg, method="vanilla", seed=0, steps=cfg.steps * LADDER_START_FACTOR, d_warmup=0)
+        log(f"[ladder] no shipped start at these sizes: training one ({c.steps} steps, synthetic only) -> {path}")
+        save_start(path, dm.train(c, make_data(), log=seed_log(log, "start")))
+    return dataclasses.replace(cfg, start=path).validate()
 
 
 def ladder_domains(photos, quick=False):
     """name -> (how its data is made): the built-in natural world with the white domain, and each photograph folder at
     its native size through the folder protocol of the axis (write_axis_folders; scored on whole evaluation tiles)."""
-    doms = {"natural x white": None}
+    doms = {}                                     # the photographs first: the reading rule is read on them
     for name, (kind, load) in axis_sets(photos, quick).items():
         if kind == "photographs" and name.endswith(" x1"):
             doms[name] = load
-    return doms
+    return {**doms, "natural x white": None}
 
 
 @experiment(size=dict(AXIS_CONFIG), quick=dict(AXIS_CONFIG, start="scratch", steps=4, log_every=4))
@@ -1172,10 +1197,11 @@ def exp_ladder(cfg, out, quick, log=print, photos=()):
     the mechanism diagnostic (64 draws) and the octave-band errors. Writes out/ladder.json after every (domain, rung)
     cell (a rerun with the same settings keeps them), out/ladder.md and out/ladder.png."""
     t0, c0, device = begin(cfg, out)
+    rungs = ladder_rungs(cfg, quick)                                               # --quick: three rungs, seconds
+    cfg = ladder_start(cfg, out, lambda: dm.make_data(dataclasses.replace(cfg, seed=0), device), log)
     seeds, path = exp_seeds(cfg, quick), os.path.join(out, "ladder.json")
     results = {"experiment": "ladder", "config": dataclasses.asdict(cfg), "seeds": seeds, "cells": {}}
     results["cells"] = kept_cells(path, results, log)
-    rungs = LADDER_QUICK if quick else LADDER_RUNGS                                 # --quick: three rungs, seconds
     for dom, load in ladder_domains(photos, quick).items():
         data_of, score = {}, None
         if load is not None:
@@ -1196,8 +1222,8 @@ def exp_ladder(cfg, out, quick, log=print, photos=()):
             if dm.METHODS[c.method][0]:
                 m["diag"] = diagnostic_draws(state, data, 4 if quick else 64)
             return m
-        for rung, over in rungs.items():
-            key = f"{dom} | {rung}"
+        for rung in sorted(rungs, key=ladder_run_order):                           # the strongest rungs early
+            over, key = rungs[rung], f"{dom} | {rung}"
             if key in results["cells"]:
                 continue
             lr_rung = "steps_factor" in over
@@ -1227,6 +1253,7 @@ def exp_ladder(cfg, out, quick, log=print, photos=()):
             results["claims"] = ladder_claims(results["cells"])
             dm.atomic_write_text(path, json.dumps(results, indent=1))
     results["claims"] = ladder_claims(results["cells"])
+    results["cells"] = ladder_table_order(results["cells"], rungs)
     lines = ["| domain | rung | vanilla | DA | oracle | DA − vanilla | gap closed | DA syn change | diagnostic | band errors "
              "1-2 / 2-4 / 4-8 px, vanilla → DA |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["cells"].values():
@@ -1237,22 +1264,43 @@ def exp_ladder(cfg, out, quick, log=print, photos=()):
     return report("ladder", out, results, "\n".join(lines), ladder_figure, t0, c0, log)
 
 
+def ladder_run_order(rung):
+    """base, then the strongest warm-up and width rungs (what D2 reads), then the rest: a run cut short by a session's
+    end still answers the reading rule."""
+    first = ["base", "warm-up 4000", "width 64"]
+    return first.index(rung) if rung in first else len(first)
+
+
+def ladder_table_order(cells, rungs):
+    """The cells by domain (as they came) and then in LADDER_RUNGS order, whatever order they ran in."""
+    doms, names = list(dict.fromkeys(c["domain"] for c in cells.values())), list(rungs)
+    rank = lambda c: (doms.index(c["domain"]), names.index(c["rung"]) if c["rung"] in names else len(names))  # noqa: E731
+    return dict(sorted(cells.items(), key=lambda kv: rank(kv[1])))
+
+
 def ladder_claims(cells):
-    """D1-D3 of docs/effect.md, on the domains whose rungs are all measured (means over seeds)."""
+    """D1-D3 of docs/effect.md per domain (means over seeds), each as soon as the rungs it reads are measured (the
+    LADDER_RUNGS claims, or at the device sizes the LADDER_DEVICE ones)."""
     out = {}
     for dom in dict.fromkeys(c["domain"] for c in cells.values()):
         c = {k.split(" | ")[1]: v for k, v in cells.items() if v["domain"] == dom}
-        if set(c) != set(LADDER_RUNGS):
-            continue
-        diag = {k: v["diag"]["mean"] for k, v in c.items()}
-        gain = {k: v["da_gain_real_db"]["mean"] for k, v in c.items()}
-        band = {k: v["bands"]["da"][2] for k, v in c.items()}
-        out[f"D1 ({dom}): the diagnostic rises along warm-up and width"] = bool(
-            diag["base"] < diag["warm-up 1000"] < diag["warm-up 4000"] and diag["base"] < diag["width 32"] < diag["width 64"])
-        out[f"D2 ({dom}): DA - vanilla turns positive at the strongest warm-up or width rung"] = bool(
-            gain["warm-up 4000"] > 0 or gain["width 64"] > 0)
-        out[f"D3 ({dom}): DA's 4-8 px error falls at the strongest rungs"] = bool(
-            band["warm-up 4000"] < band["base"] and band["width 64"] < band["base"])
+        diag, gain, band = ({k: f(v) for k, v in c.items()} for f in (
+            lambda v: v["diag"]["mean"], lambda v: v["da_gain_real_db"]["mean"], lambda v: v["bands"]["da"][2]))
+        has = lambda *rungs: set(rungs) <= set(c)                                 # noqa: E731
+        if has("base", "warm-up 4x steps"):                                       # a device size: base and warm-up
+            w = "warm-up 4x steps"
+            out[f"D1 ({dom}): the diagnostic rises with the warm-up"] = bool(diag[w] > diag["base"])
+            out[f"D2 ({dom}): DA - vanilla is positive at the base or the warm-up"] = bool(max(gain[w], gain["base"]) > 0)
+            out[f"D3 ({dom}): DA's 4-8 px error falls with the warm-up"] = bool(band[w] < band["base"])
+        if has("base", "warm-up 1000", "warm-up 4000", "width 32", "width 64"):
+            out[f"D1 ({dom}): the diagnostic rises along warm-up and width"] = bool(
+                diag["base"] < diag["warm-up 1000"] < diag["warm-up 4000"] and diag["base"] < diag["width 32"] < diag["width 64"])
+        if has("warm-up 4000", "width 64"):
+            out[f"D2 ({dom}): DA - vanilla turns positive at the strongest warm-up or width rung"] = bool(
+                gain["warm-up 4000"] > 0 or gain["width 64"] > 0)
+        if has("base", "warm-up 4000", "width 64"):
+            out[f"D3 ({dom}): DA's 4-8 px error falls at the strongest rungs"] = bool(
+                band["warm-up 4000"] < band["base"] and band["width 64"] < band["base"])
     return out
 
 

@@ -470,7 +470,7 @@ def test_ladder_quick_runs_every_rung_paired_with_its_vanilla(tmp_path):
     out = str(tmp_path / "ladder")
     cfg = dm.make_config("tiny", **experiments.exp_ladder.quick)
     res = experiments.exp_ladder(cfg, out, True, log=lambda s: None, photos=[photos])
-    assert list(res["cells"]) == [f"{d} | {r}" for d in ("natural x white", "smooth x1") for r in experiments.LADDER_QUICK]
+    assert list(res["cells"]) == [f"{d} | {r}" for d in ("smooth x1", "natural x white") for r in experiments.LADDER_QUICK]
     for c in res["cells"].values():
         assert c["da_gain_real_db"]["mean"] == pytest.approx(c["da"]["mean"] - c["vanilla"]["mean"])
         assert -1 <= c["diag"]["mean"] <= 1 and len(c["bands"]["da"]) == 4
@@ -480,6 +480,55 @@ def test_ladder_quick_runs_every_rung_paired_with_its_vanilla(tmp_path):
     assert experiments.rung_config(cfg, {"lr": 1e-4, "steps_factor": 4}).steps == 4 * cfg.steps
     assert os.path.getsize(os.path.join(out, "ladder.png")) > 1000 and "| smooth x1 | base |" in open(
         os.path.join(out, "ladder.md")).read()
+
+
+def test_ladder_runs_the_strongest_rungs_early_and_tables_them_in_order():
+    assert sorted(experiments.LADDER_RUNGS, key=experiments.ladder_run_order)[:3] == ["base", "warm-up 4000", "width 64"]
+    cell = lambda d, r: {"domain": d, "rung": r}                                          # noqa: E731
+    cells = {f"{d} | {r}": cell(d, r) for d, r in [("k", "width 64"), ("k", "base"), ("n", "lr 1e-4, 4x steps"), ("n", "base")]}
+    assert list(experiments.ladder_table_order(cells, experiments.LADDER_RUNGS)) == [
+        "k | base", "k | width 64", "n | base", "n | lr 1e-4, 4x steps"]
+
+
+def test_the_device_ladder_trains_its_own_start_and_runs_base_and_warm_up(tmp_path, tiny_data):
+    gpu = dm.make_config("gpu", start="scratch")
+    assert experiments.ladder_rungs(gpu) == experiments.LADDER_DEVICE
+    assert experiments.ladder_rungs(dm.make_config(**experiments.exp_ladder.size)) == experiments.LADDER_RUNGS
+    assert experiments.rung_config(gpu, experiments.LADDER_DEVICE["warm-up 4x steps"]).d_warmup == 4 * gpu.steps
+    cfg = dm.make_config("tiny", start="scratch", steps=3, eval_every=0, log_every=3)
+    logs = []
+    c = experiments.ladder_start(cfg, str(tmp_path), lambda: tiny_data, logs.append)
+    assert c.start == str(tmp_path / "start.pt") and any("training one (15 steps" in m for m in logs)
+    G = dm.init_state(c, torch.device("cpu")).G                                 # the runs continue from it
+    blob = dm.read_checkpoint(c.start)
+    assert blob["step"] == 15 and all(torch.equal(a, b) for a, b in zip(G.state_dict().values(),
+                                                                           blob["restorer_ema"].values()))
+    assert experiments.ladder_start(cfg, str(tmp_path), None, logs.append) == c                 # a rerun keeps it
+    shipped = dm.make_config(**experiments.exp_ladder.size)
+    assert experiments.ladder_start(shipped, str(tmp_path), None, logs.append) is shipped
+    # its claims: base and warm-up per domain
+    cell = lambda gain, diag, band: {"domain": "k", "da_gain_real_db": {"mean": gain}, "diag": {"mean": diag},  # noqa: E731
+                                     "bands": {"da": [0, 0, band, 0]}}
+    claims = experiments.ladder_claims({"k | base": cell(-0.5, 0.1, 0.4), "k | warm-up 4x steps": cell(0.2, 0.3, 0.3)})
+    assert list(claims.values()) == [True, True, True] and len(claims) == 3
+    claims = experiments.ladder_claims({"k | base": cell(-0.5, 0.3, 0.4), "k | warm-up 4x steps": cell(-0.1, 0.2, 0.5)})
+    assert list(claims.values()) == [False, False, False]
+
+
+def test_the_device_script_passes_flags_the_ladder_takes():
+    """docs/ladder-device.sh runs only on a GPU: here its two commands' flags are parsed and their configs built."""
+    import shlex
+    text = open(os.path.join(os.path.dirname(experiments.__file__), "docs", "ladder-device.sh")).read()
+    common = shlex.split(text.split("common=(")[1].split(")")[0].replace('"$photos"', "PHOTOS"))
+    cmds = [shlex.split(line.split("experiments.py")[1].split('"${common')[0]) for line in text.splitlines()
+            if line.startswith("timeout")]
+    assert len(cmds) == 2
+    for argv, (preset, d_width) in zip(cmds, [("gpu", 64), ("paper", 64)]):
+        args = dm.parse_args(experiments.build_parser(), argv + common + ["--out", "x"])
+        cfg = dm.parse_config(args)
+        assert (args.name, args.preset, args.photos, cfg.d_width, cfg.start) == ("ladder", preset, ["PHOTOS"], d_width, "scratch")
+        assert cfg.image_size <= experiments.AXIS_TILE and (cfg.real_noise, cfg.sigma_max) == ("white", 15.0)
+        assert experiments.ladder_rungs(cfg) == experiments.LADDER_DEVICE
 
 
 def test_warm_up_trains_the_denoiser_alone_first(tiny_data):
@@ -508,5 +557,6 @@ def test_ladder_claims_follow_their_rules():
     assert list(experiments.ladder_claims(cells).values()) == [True, True, True]
     cells["k | warm-up 4000"] = cell("k", "warm-up 4000", 0.05, -0.2, 1.1)            # weaker at the top rung
     assert list(experiments.ladder_claims(cells).values()) == [False, False, False]
-    del cells["k | base"]
-    assert experiments.ladder_claims(cells) == {}                                       # incomplete: not judged
+    del cells["k | base"]                                           # each claim is judged once its rungs are measured
+    assert [k[:2] for k in experiments.ladder_claims(cells)] == ["D2"]
+    assert experiments.ladder_claims({"k | base": cell("k", "base", 0.0, -1.0, 1.0)}) == {}
