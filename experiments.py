@@ -1195,63 +1195,72 @@ def exp_ladder(cfg, out, quick, log=print, photos=()):
     """The denoiser ladder of docs/effect.md: per domain (ladder_domains) and seed, vanilla and the oracle (at the base
     and at the lr rung's optimiser) and DA at every rung of LADDER_RUNGS, each scored on real-like and synthetic PSNR,
     the mechanism diagnostic (64 draws) and the octave-band errors. Writes out/ladder.json after every (domain, rung)
-    cell (a rerun with the same settings keeps them), out/ladder.md and out/ladder.png."""
+    cell (a rerun with the same settings keeps them), out/ladder.md and out/ladder.png (Ctrl-C writes those two for
+    the finished cells, then stops). Without a shipped start at cfg's sizes it first trains one (ladder_start)."""
     t0, c0, device = begin(cfg, out)
     rungs = ladder_rungs(cfg, quick)                                               # --quick: three rungs, seconds
     cfg = ladder_start(cfg, out, lambda: dm.make_data(dataclasses.replace(cfg, seed=0), device), log)
     seeds, path = exp_seeds(cfg, quick), os.path.join(out, "ladder.json")
     results = {"experiment": "ladder", "config": dataclasses.asdict(cfg), "seeds": seeds, "cells": {}}
     results["cells"] = kept_cells(path, results, log)
-    for dom, load in ladder_domains(photos, quick).items():
-        data_of, score = {}, None
-        if load is not None:
-            root = os.path.join(out, "folders", dom.replace(" ", "_"))
-            write_axis_folders(load(), root, torch.Generator().manual_seed(0), quick)
-            dirs = [os.path.join(root, k) for k in ("clean", "real", "eval")]
-            score = lambda G: folders.evaluate_folder(G, dirs[2], log=lambda s: None)["mean_psnr"]  # noqa: E731
-        for seed in seeds:
-            c = dataclasses.replace(cfg, seed=seed)
-            data_of[seed] = (dm.make_data(c, device) if load is None else
-                             folders.load_folder_data(c, dirs[0], None, dirs[1], dirs[2], device, log=lambda s: None))
-        bases = {}                                                                   # (method, lr rung?) -> runs
-
-        def run(c, data):
-            state = dm.train(c, data, log=seed_log(log, c.seed))
-            m = scored(state.G_eval, data)
-            m["real_psnr_tiles"] = score(state.G_eval) if score else m["real_psnr"]
-            if dm.METHODS[c.method][0]:
-                m["diag"] = diagnostic_draws(state, data, 4 if quick else 64)
-            return m
-        for rung in sorted(rungs, key=ladder_run_order):                           # the strongest rungs early
-            over, key = rungs[rung], f"{dom} | {rung}"
-            if key in results["cells"]:
-                continue
-            lr_rung = "steps_factor" in over
-            runs = {"da": []}
+    stopped = None
+    try:
+        for dom, load in ladder_domains(photos, quick).items():
+            data_of, score = {}, None
+            if load is not None:
+                root = os.path.join(out, "folders", dom.replace(" ", "_"))
+                write_axis_folders(load(), root, torch.Generator().manual_seed(0), quick)
+                dirs = [os.path.join(root, k) for k in ("clean", "real", "eval")]
+                score = lambda G: folders.evaluate_folder(G, dirs[2], log=lambda s: None)["mean_psnr"]  # noqa: E731
             for seed in seeds:
                 c = dataclasses.replace(cfg, seed=seed)
-                for m in ("vanilla", "oracle"):
-                    k = (m, lr_rung, seed)
-                    if k not in bases:
-                        opt = {kk: v for kk, v in over.items() if kk in ("lr", "steps_factor")}
-                        bases[k] = run(rung_config(dataclasses.replace(c, method=m), opt), data_of[seed])
-                runs["da"].append(run(rung_config(dataclasses.replace(c, method="da"), over), data_of[seed]))
-            runs["vanilla"] = [bases["vanilla", lr_rung, s] for s in seeds]
-            runs["oracle"] = [bases["oracle", lr_rung, s] for s in seeds]
-            v, d, o = ([r["real_psnr_tiles"] for r in runs[m]] for m in ("vanilla", "da", "oracle"))
-            results["cells"][key] = cell = {
-                "domain": dom, "rung": rung, "overrides": {k: list(x) if isinstance(x, tuple) else x
-                                                           for k, x in over.items()},
-                **{m: mean_std([r["real_psnr_tiles"] for r in rs]) for m, rs in runs.items()},
-                "da_gain_real_db": mean_std([b - a for a, b in zip(v, d)]),
-                "gap_closed": mean_std([(b - a) / (c_ - a) for a, b, c_ in zip(v, d, o)]),
-                "da_syn_change_db": mean_std([b["syn_psnr"] - a["syn_psnr"] for a, b in zip(runs["vanilla"], runs["da"])]),
-                "diag": mean_std([r["diag"] for r in runs["da"]]),
-                "bands": {m: [float(np.mean(b)) for b in zip(*[x["real_bands"] for x in rs])] for m, rs in runs.items()}}
-            log(f"[ladder] {key}: DA - vanilla {fmt(cell['da_gain_real_db'])} dB, diagnostic {fmt(cell['diag'], 3)}, "
-                f"4-8 px band {cell['bands']['vanilla'][2]:.2f} -> {cell['bands']['da'][2]:.2f}  ({time.time() - t0:.0f} s)")
-            results["claims"] = ladder_claims(results["cells"])
-            dm.atomic_write_text(path, json.dumps(results, indent=1))
+                data_of[seed] = (dm.make_data(c, device) if load is None else folders.load_folder_data(
+                    c, dirs[0], None, dirs[1], dirs[2], device, log=lambda s: None))
+            bases = {}                                                                   # (method, lr rung?) -> runs
+
+            def run(c, data):
+                state = dm.train(c, data, log=seed_log(log, c.seed))
+                m = scored(state.G_eval, data)
+                m["real_psnr_tiles"] = score(state.G_eval) if score else m["real_psnr"]
+                if dm.METHODS[c.method][0]:
+                    m["diag"] = diagnostic_draws(state, data, 4 if quick else 64)
+                return m
+            for rung in sorted(rungs, key=ladder_run_order):                           # the strongest rungs early
+                over, key = rungs[rung], f"{dom} | {rung}"
+                if key in results["cells"]:
+                    continue
+                lr_rung = "steps_factor" in over
+                runs = {"da": []}
+                for seed in seeds:
+                    c = dataclasses.replace(cfg, seed=seed)
+                    for m in ("vanilla", "oracle"):
+                        k = (m, lr_rung, seed)
+                        if k not in bases:
+                            opt = {kk: v for kk, v in over.items() if kk in ("lr", "steps_factor")}
+                            bases[k] = run(rung_config(dataclasses.replace(c, method=m), opt), data_of[seed])
+                    runs["da"].append(run(rung_config(dataclasses.replace(c, method="da"), over), data_of[seed]))
+                runs["vanilla"] = [bases["vanilla", lr_rung, s] for s in seeds]
+                runs["oracle"] = [bases["oracle", lr_rung, s] for s in seeds]
+                v, d, o = ([r["real_psnr_tiles"] for r in runs[m]] for m in ("vanilla", "da", "oracle"))
+                results["cells"][key] = cell = {
+                    "domain": dom, "rung": rung, "overrides": {k: list(x) if isinstance(x, tuple) else x
+                                                               for k, x in over.items()},
+                    **{m: mean_std([r["real_psnr_tiles"] for r in rs]) for m, rs in runs.items()},
+                    "da_gain_real_db": mean_std([b - a for a, b in zip(v, d)]),
+                    "gap_closed": mean_std([(b - a) / (c_ - a) for a, b, c_ in zip(v, d, o)]),
+                    "da_syn_change_db": mean_std([b["syn_psnr"] - a["syn_psnr"] for a, b in zip(runs["vanilla"], runs["da"])]),
+                    "diag": mean_std([r["diag"] for r in runs["da"]]),
+                    "bands": {m: [float(np.mean(b)) for b in zip(*[x["real_bands"] for x in rs])] for m, rs in runs.items()}}
+                log(f"[ladder] {key}: DA - vanilla {fmt(cell['da_gain_real_db'])} dB, diagnostic {fmt(cell['diag'], 3)}, "
+                    f"4-8 px band {cell['bands']['vanilla'][2]:.2f} -> {cell['bands']['da'][2]:.2f}  ({time.time() - t0:.0f} s)")
+                results["claims"] = ladder_claims(results["cells"])
+                dm.atomic_write_text(path, json.dumps(results, indent=1))
+    except KeyboardInterrupt as e:                   # Ctrl-C: the finished cells still get their table and figure
+        stopped = e
+        if not results["cells"]:
+            raise
+        log(f"\n[ladder] stopped: the table and figure of the {len(results['cells'])} finished cell(s); a rerun "
+            "with the same settings trains only the rest")
     results["claims"] = ladder_claims(results["cells"])
     results["cells"] = ladder_table_order(results["cells"], rungs)
     lines = ["| domain | rung | vanilla | DA | oracle | DA − vanilla | gap closed | DA syn change | diagnostic | band errors "
@@ -1261,7 +1270,10 @@ def exp_ladder(cfg, out, quick, log=print, photos=()):
         lines.append(f"| {c['domain']} | {c['rung']} | {fmt(c['vanilla'])} | {fmt(c['da'])} | {fmt(c['oracle'])} | "
                      f"{fmt(c['da_gain_real_db'])} | {fmt(c['gap_closed'])} | {fmt(c['da_syn_change_db'])} | "
                      f"{fmt(c['diag'], 3)} | {b('vanilla')} → {b('da')} |")
-    return report("ladder", out, results, "\n".join(lines), ladder_figure, t0, c0, log)
+    results = report("ladder", out, results, "\n".join(lines), ladder_figure, t0, c0, log)
+    if stopped:
+        raise stopped
+    return results
 
 
 def ladder_run_order(rung):

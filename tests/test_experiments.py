@@ -482,6 +482,28 @@ def test_ladder_quick_runs_every_rung_paired_with_its_vanilla(tmp_path):
         os.path.join(out, "ladder.md")).read()
 
 
+def test_a_stopped_ladder_reports_its_finished_cells_and_a_rerun_keeps_them(tmp_path, monkeypatch):
+    cfg, out = dm.make_config("tiny", **experiments.exp_ladder.quick), str(tmp_path / "ladder")
+    train, calls = dm.train, []
+
+    def stop_at_the_fifth(c, data, log=print):          # start, vanilla, oracle, DA base; then Ctrl-C in the next
+        calls.append(c.method)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return train(c, data, log=log)
+    monkeypatch.setattr(dm, "train", stop_at_the_fifth)
+    logs = []
+    with pytest.raises(KeyboardInterrupt):
+        experiments.exp_ladder(cfg, out, True, log=logs.append)
+    table = open(os.path.join(out, "ladder.md")).read()
+    assert "| natural x white | base |" in table and "warm-up" not in table
+    assert os.path.getsize(os.path.join(out, "ladder.png")) > 1000 and any("1 finished cell" in m for m in logs)
+    monkeypatch.setattr(dm, "train", train)
+    logs = []
+    res = experiments.exp_ladder(cfg, out, True, log=logs.append)
+    assert any("1 cell(s) kept" in m for m in logs) and len(res["cells"]) == len(experiments.LADDER_QUICK)
+
+
 def test_ladder_runs_the_strongest_rungs_early_and_tables_them_in_order():
     assert sorted(experiments.LADDER_RUNGS, key=experiments.ladder_run_order)[:3] == ["base", "warm-up 4000", "width 64"]
     cell = lambda d, r: {"domain": d, "rung": r}                                          # noqa: E731
