@@ -486,22 +486,27 @@ def test_a_stopped_ladder_reports_its_finished_cells_and_a_rerun_keeps_them(tmp_
     cfg, out = dm.make_config("tiny", **experiments.exp_ladder.quick), str(tmp_path / "ladder")
     train, calls = dm.train, []
 
-    def stop_at_the_fifth(c, data, log=print):          # start, vanilla, oracle, DA base; then Ctrl-C in the next
-        calls.append(c.method)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return train(c, data, log=log)
-    monkeypatch.setattr(dm, "train", stop_at_the_fifth)
+    def stop_at(n):                                     # Ctrl-C in the n-th training
+        def stopping(c, data, log=print):
+            calls.append(c.method)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return train(c, data, log=log)
+        return stopping
+    monkeypatch.setattr(dm, "train", stop_at(5))        # start, vanilla, oracle, DA base; then the warm-up's DA
     logs = []
     with pytest.raises(KeyboardInterrupt):
         experiments.exp_ladder(cfg, out, True, log=logs.append)
     table = open(os.path.join(out, "ladder.md")).read()
     assert "| natural x white | base |" in table and "warm-up" not in table
     assert os.path.getsize(os.path.join(out, "ladder.png")) > 1000 and any("1 finished cell" in m for m in logs)
-    monkeypatch.setattr(dm, "train", train)
+    assert calls == ["vanilla", "vanilla", "oracle", "da", "da"]
+    calls.clear()
+    monkeypatch.setattr(dm, "train", stop_at(3))        # the rerun keeps the start and the cell, and goes on from there
     logs = []
-    res = experiments.exp_ladder(cfg, out, True, log=logs.append)
-    assert any("1 cell(s) kept" in m for m in logs) and len(res["cells"]) == len(experiments.LADDER_QUICK)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.exp_ladder(cfg, out, True, log=logs.append)
+    assert any("1 cell(s) kept" in m for m in logs) and calls == ["vanilla", "oracle", "da"]
 
 
 def test_ladder_runs_the_strongest_rungs_early_and_tables_them_in_order():
