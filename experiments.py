@@ -24,6 +24,7 @@ import importlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 import types
@@ -1628,7 +1629,15 @@ def main(argv=None):
     if args.name == "axis" and not args.photos and not args.quick:
         parser.error("axis needs at least one --photos DIR of clean photographs")
     print("config:", json.dumps(dataclasses.asdict(cfg)))
-    exp(cfg, args.out or f"runs/{args.name}", args.quick, **({"photos": args.photos} if args.photos else {}))
+    # SIGINT and SIGTERM raise KeyboardInterrupt (a shell starting a job in the background ignores SIGINT for it, and
+    # `kill` and `timeout` send SIGTERM), so an experiment that keeps its finished cells reports them when stopped
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+    try:
+        exp(cfg, args.out or f"runs/{args.name}", args.quick, **({"photos": args.photos} if args.photos else {}))
+    except KeyboardInterrupt:
+        print(f"{args.name}: stopped", file=sys.stderr)
+        return 130
     return 0
 
 

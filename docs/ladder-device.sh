@@ -18,10 +18,10 @@ python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pri
 # the folder protocol of the CPU ladder, from scratch: AWGN sigma <= 15 against real-like white noise, scored at the end
 common=(--task denoise --world natural --real_noise white --sigma_max 15 --start scratch --eval_every 0
         --log_every 100 --photos "$photos")
-# seconds per size (SIGINT: a size cut short writes the table and figure of its finished cells): the gpu size first (16 M eps_theta), then the paper's (62.6 M; 128 px, the folders' tile size)
-timeout -s INT 240 python experiments.py ladder --preset gpu --steps 300 --n_syn 1024 --n_real 1024 "${common[@]}" \
+# seconds per size (the time limit's SIGTERM: a size cut short writes the table and figure of its finished cells): the gpu size first (16 M eps_theta), then the paper's (62.6 M; 128 px, the folders' tile size)
+timeout 240 python experiments.py ladder --preset gpu --steps 300 --n_syn 1024 --n_real 1024 "${common[@]}" \
     --out "$out/gpu" 2>&1 | tee "$out/gpu.log"
-timeout -s INT 330 python experiments.py ladder --preset paper --image_size 128 --steps 200 "${common[@]}" \
+timeout 330 python experiments.py ladder --preset paper --image_size 128 --steps 200 "${common[@]}" \
     --out "$out/paper" 2>&1 | tee "$out/paper.log"
 for size in gpu paper; do        # what finished, also when a size was cut short (ladder.md comes only at its end)
     python - "$out/$size/ladder.json" "$size" <<'PY'

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -465,11 +466,29 @@ def test_kept_cells_follow_settings_not_code_versions(tmp_path):
     assert experiments.kept_cells(str(tmp_path / "none.json"), now(), lambda s: None) == {}
 
 
-def test_ladder_quick_runs_every_rung_paired_with_its_vanilla(tmp_path):
+def test_ladder_quick_runs_every_rung_paired_with_its_vanilla(tmp_path, monkeypatch):
     photos = smooth_photos(tmp_path / "smooth")
     out = str(tmp_path / "ladder")
     cfg = dm.make_config("tiny", **experiments.exp_ladder.quick)
-    res = experiments.exp_ladder(cfg, out, True, log=lambda s: None, photos=[photos])
+    train, calls, stop = dm.train, [], [5]
+
+    def counted(c, data, log=print):                # Ctrl-C in the 5th training: start, vanilla, oracle, DA base, ...
+        calls.append((c.method, c.steps))
+        if len(calls) == stop[0]:
+            raise KeyboardInterrupt
+        return train(c, data, log=log)
+    monkeypatch.setattr(dm, "train", counted)
+    logs = []
+    with pytest.raises(KeyboardInterrupt):                           # a stopped run reports its finished cells
+        experiments.exp_ladder(cfg, out, True, log=logs.append, photos=[photos])
+    table = open(os.path.join(out, "ladder.md")).read()
+    assert "| smooth x1 | base |" in table and "warm-up" not in table and any("1 finished cell" in m for m in logs)
+    assert calls[0] == ("vanilla", 5 * cfg.steps) and len(calls) == 5                   # the start came first
+    calls.clear()
+    stop[0] = None
+    res = experiments.exp_ladder(cfg, out, True, log=logs.append, photos=[photos])   # the rerun keeps it and the start
+    assert any("1 cell(s) kept" in m for m in logs) and [m for m, _ in calls[:3]] == ["vanilla", "oracle", "da"]
+    assert ("vanilla", 5 * cfg.steps) not in calls
     assert list(res["cells"]) == [f"{d} | {r}" for d in ("smooth x1", "natural x white") for r in experiments.LADDER_QUICK]
     for c in res["cells"].values():
         assert c["da_gain_real_db"]["mean"] == pytest.approx(c["da"]["mean"] - c["vanilla"]["mean"])
@@ -482,31 +501,19 @@ def test_ladder_quick_runs_every_rung_paired_with_its_vanilla(tmp_path):
         os.path.join(out, "ladder.md")).read()
 
 
-def test_a_stopped_ladder_reports_its_finished_cells_and_a_rerun_keeps_them(tmp_path, monkeypatch):
-    cfg, out = dm.make_config("tiny", **experiments.exp_ladder.quick), str(tmp_path / "ladder")
-    train, calls = dm.train, []
-
-    def stop_at(n):                                     # Ctrl-C in the n-th training
-        def stopping(c, data, log=print):
-            calls.append(c.method)
-            if len(calls) == n:
-                raise KeyboardInterrupt
-            return train(c, data, log=log)
-        return stopping
-    monkeypatch.setattr(dm, "train", stop_at(5))        # start, vanilla, oracle, DA base; then the warm-up's DA
-    logs = []
-    with pytest.raises(KeyboardInterrupt):
-        experiments.exp_ladder(cfg, out, True, log=logs.append)
-    table = open(os.path.join(out, "ladder.md")).read()
-    assert "| natural x white | base |" in table and "warm-up" not in table
-    assert os.path.getsize(os.path.join(out, "ladder.png")) > 1000 and any("1 finished cell" in m for m in logs)
-    assert calls == ["vanilla", "vanilla", "oracle", "da", "da"]
-    calls.clear()
-    monkeypatch.setattr(dm, "train", stop_at(3))        # the rerun keeps the start and the cell, and goes on from there
-    logs = []
-    with pytest.raises(KeyboardInterrupt):
-        experiments.exp_ladder(cfg, out, True, log=logs.append)
-    assert any("1 cell(s) kept" in m for m in logs) and calls == ["vanilla", "oracle", "da"]
+def test_a_stopped_experiment_exits_130_and_sigterm_stops_it_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    def stopped(cfg, out, quick, **kw):
+        raise KeyboardInterrupt
+    stopped.size, stopped.quick = {}, experiments.exp_ladder.quick
+    monkeypatch.setitem(experiments.EXPERIMENTS, "ladder", stopped)
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert experiments.main(["ladder", "--quick", "--out", str(tmp_path)]) == 130
+        assert all(signal.getsignal(sig) is signal.default_int_handler for sig in old)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    assert "ladder: stopped" in capsys.readouterr().err
 
 
 def test_ladder_runs_the_strongest_rungs_early_and_tables_them_in_order():
