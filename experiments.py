@@ -113,10 +113,11 @@ def finish(name, out, results, t0, c0, log):
     return results
 
 
-def kept_cells(path, results, log, per_cell=()):
-    """The cells of an earlier run's JSON at `path` when it ran the same settings and seeds, so that a rerun (or a run
-    stopped half-way) trains only what is missing. Config fields that each cell sets itself (per_cell) do not count;
-    nor do fields the code gained (at their defaults) or lost since, which keep the behaviour of that run."""
+def kept_cells(path, results, log, per_cell=(), key="cells"):
+    """The cells (or another entry: key) of an earlier run's JSON at `path` when it ran the same settings and seeds, so
+    that a rerun (or a run stopped half-way) trains only what is missing. Config fields that each cell sets itself
+    (per_cell) do not count; nor do fields the code gained (at their defaults) or lost since, which keep the behaviour
+    of that run."""
     if not os.path.isfile(path):
         return {}
     old, now = json.load(open(path)), json.loads(json.dumps(results["config"]))
@@ -125,8 +126,8 @@ def kept_cells(path, results, log, per_cell=()):
     if (same(old.get("config", {}), now), old.get("seeds")) != (same(now, old.get("config", {})), results["seeds"]) or \
             any(now[k] != defaults[k] for k in set(now) - set(old.get("config", {}))):
         return {}
-    log(f"[{results['experiment']}] {len(old['cells'])} cell(s) kept from {path}")
-    return old["cells"]
+    log(f"[{results['experiment']}] {len(old.get(key, {}))} {key[:-1]}(s) kept from {path}")
+    return old.get(key, {})
 
 
 def report(name, out, results, table, figure, t0, c0, log):
@@ -1204,7 +1205,8 @@ def exp_ladder(cfg, out, quick, log=print, photos=()):
     seeds, path = exp_seeds(cfg, quick), os.path.join(out, "ladder.json")
     results = {"experiment": "ladder", "config": dataclasses.asdict(cfg), "seeds": seeds, "cells": {}}
     results["cells"] = kept_cells(path, results, log)
-    stopped = None
+    results["runs"] = kept_cells(path, results, log, key="runs")          # every finished training: a rerun goes on
+    stopped = None                                                         # from the last one, not the last cell
     try:
         for dom, load in ladder_domains(photos, quick).items():
             data_of, score = {}, None
@@ -1217,31 +1219,32 @@ def exp_ladder(cfg, out, quick, log=print, photos=()):
                 c = dataclasses.replace(cfg, seed=seed)
                 data_of[seed] = (dm.make_data(c, device) if load is None else folders.load_folder_data(
                     c, dirs[0], None, dirs[1], dirs[2], device, log=lambda s: None))
-            bases = {}                                                                   # (method, lr rung?) -> runs
 
-            def run(c, data):
-                state = dm.train(c, data, log=seed_log(log, c.seed))
-                m = scored(state.G_eval, data)
-                m["real_psnr_tiles"] = score(state.G_eval) if score else m["real_psnr"]
-                if dm.METHODS[c.method][0]:
-                    m["diag"] = diagnostic_draws(state, data, 4 if quick else 64)
-                return m
+            def run(c, data, name):
+                name = f"{dom} | {name} | {c.method} | seed {c.seed}"
+                if name not in results["runs"]:
+                    state = dm.train(c, data, log=seed_log(log, c.seed))
+                    m = scored(state.G_eval, data)
+                    m["real_psnr_tiles"] = score(state.G_eval) if score else m["real_psnr"]
+                    if dm.METHODS[c.method][0]:
+                        m["diag"] = diagnostic_draws(state, data, 4 if quick else 64)
+                    results["runs"][name] = m
+                    dm.atomic_write_text(path, json.dumps(results, indent=1))
+                return results["runs"][name]
             for rung in sorted(rungs, key=ladder_run_order):                           # the strongest rungs early
                 over, key = rungs[rung], f"{dom} | {rung}"
                 if key in results["cells"]:
                     continue
-                lr_rung = "steps_factor" in over
-                runs = {"da": []}
+                # vanilla and the oracle: the base's, or the lr rung's own (same optimiser as its DA); run() trains
+                # each once per domain and seed, and every rung shares them
+                opt = {k: v for k, v in over.items() if k in ("lr", "steps_factor")}
+                runs = {m: [] for m in ("vanilla", "oracle", "da")}
                 for seed in seeds:
                     c = dataclasses.replace(cfg, seed=seed)
                     for m in ("vanilla", "oracle"):
-                        k = (m, lr_rung, seed)
-                        if k not in bases:
-                            opt = {kk: v for kk, v in over.items() if kk in ("lr", "steps_factor")}
-                            bases[k] = run(rung_config(dataclasses.replace(c, method=m), opt), data_of[seed])
-                    runs["da"].append(run(rung_config(dataclasses.replace(c, method="da"), over), data_of[seed]))
-                runs["vanilla"] = [bases["vanilla", lr_rung, s] for s in seeds]
-                runs["oracle"] = [bases["oracle", lr_rung, s] for s in seeds]
+                        runs[m].append(run(rung_config(dataclasses.replace(c, method=m), opt), data_of[seed],
+                                           rung if opt else "base"))
+                    runs["da"].append(run(rung_config(dataclasses.replace(c, method="da"), over), data_of[seed], rung))
                 v, d, o = ([r["real_psnr_tiles"] for r in runs[m]] for m in ("vanilla", "da", "oracle"))
                 results["cells"][key] = cell = {
                     "domain": dom, "rung": rung, "overrides": {k: list(x) if isinstance(x, tuple) else x

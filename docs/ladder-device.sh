@@ -2,8 +2,8 @@
 # The denoiser ladder at the gpu and paper sizes on one GPU, in under 10 minutes of GPU time
 # (docs/effect.md, "The denoiser ladder on a device"). Every size trains its own start, then runs vanilla, the oracle
 # and DA at the base and with a warm-up of 4x the steps, on the photographs (native size) and on natural x white,
-# seeds 0-2. Each size runs under a time limit; the JSON keeps every finished (domain, rung) cell, so a size cut short
-# still reports what it finished, and rerunning the script with the same OUT trains only what is missing.
+# seeds 0-2. Each size runs under a time limit; the JSON keeps every finished training and (domain, rung) cell, so a
+# size cut short still reports what it finished, and rerunning the script with the same OUT trains only what is missing.
 #
 #   bash docs/ladder-device.sh PHOTOS_DIR [OUT]     # OUT defaults to runs/ladder-device
 #
