@@ -498,8 +498,11 @@ def test_ladder_quick_runs_every_rung_paired_with_its_vanilla(tmp_path, monkeypa
     assert base["vanilla"] != lr["vanilla"]                                  # the lr rung has its own vanilla
     assert res["cells"]["natural x white | warm-up 1000"]["vanilla"] == base["vanilla"]   # the others share the base's
     assert experiments.rung_config(cfg, {"lr": 1e-4, "steps_factor": 4}).steps == 4 * cfg.steps
-    assert os.path.getsize(os.path.join(out, "ladder.png")) > 1000 and "| smooth x1 | base |" in open(
-        os.path.join(out, "ladder.md")).read()
+    table = open(os.path.join(out, "ladder.md")).read()
+    row = next(line for line in table.splitlines() if line.startswith("| smooth x1 | base |"))
+    gain = res["cells"]["smooth x1 | base"]["da_gain_real_db"]["values"]
+    assert f"({' / '.join(f'{x:+.2f}' for x in gain)})" in row and row.count(" / ") == 2 * 3 + len(gain) - 1
+    assert os.path.getsize(os.path.join(out, "ladder.png")) > 1000 and "4-8 / > 8 px" in table
 
 
 def test_a_stopped_experiment_exits_130_and_sigterm_stops_it_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
