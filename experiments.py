@@ -1235,6 +1235,7 @@ def exp_ladder(cfg, out, quick, log=print, photos=()):
                 over, key = rungs[rung], f"{dom} | {rung}"
                 if key in results["cells"]:
                     continue
+                t_cell = time.time()
                 # vanilla and the oracle: the base's, or the lr rung's own (same optimiser as its DA); run() trains
                 # each once per domain and seed, and every rung shares them
                 opt = {k: v for k, v in over.items() if k in ("lr", "steps_factor")}
@@ -1256,7 +1257,8 @@ def exp_ladder(cfg, out, quick, log=print, photos=()):
                     "diag": mean_std([r["diag"] for r in runs["da"]]),
                     "bands": {m: [float(np.mean(b)) for b in zip(*[x["real_bands"] for x in rs])] for m, rs in runs.items()}}
                 log(f"[ladder] {key}: DA - vanilla {fmt(cell['da_gain_real_db'])} dB, diagnostic {fmt(cell['diag'], 3)}, "
-                    f"4-8 px band {cell['bands']['vanilla'][2]:.2f} -> {cell['bands']['da'][2]:.2f}  ({time.time() - t0:.0f} s)")
+                    f"4-8 px band {cell['bands']['vanilla'][2]:.2f} -> {cell['bands']['da'][2]:.2f}  "
+                    f"({time.time() - t_cell:.0f} s, {time.time() - t0:.0f} s since the start)")
                 results["claims"] = ladder_claims(results["cells"])
                 dm.atomic_write_text(path, json.dumps(results, indent=1))
     except KeyboardInterrupt as e:                   # Ctrl-C: the finished cells still get their table and figure

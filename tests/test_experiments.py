@@ -598,3 +598,29 @@ def test_ladder_claims_follow_their_rules():
     del cells["k | base"]                                           # each claim is judged once its rungs are measured
     assert [k[:2] for k in experiments.ladder_claims(cells)] == ["D2"]
     assert experiments.ladder_claims({"k | base": cell("k", "base", 0.0, -1.0, 1.0)}) == {}
+
+
+def test_the_published_ladder_agrees_with_its_trainings_and_the_docs():
+    """docs/effect/ladder: every cell's numbers are its kept trainings', its claims are recomputed from its cells, and
+    the table in docs/effect.md is ladder.md's (with the docs' minus and times signs)."""
+    docs = os.path.join(os.path.dirname(experiments.__file__), "docs")
+    res = json.load(open(os.path.join(docs, "effect", "ladder", "ladder.json")))
+    assert len(res["cells"]) == 2 * len(experiments.LADDER_RUNGS) and res["seeds"] == [0, 1, 2]
+    checked = 0
+    for key, c in res["cells"].items():
+        dom, rung = key.split(" | ")
+        opt = rung if "lr" in c["overrides"] else "base"                 # vanilla and oracle: the base's or the lr rung's
+        for m, name in (("vanilla", opt), ("oracle", opt), ("da", rung)):
+            for seed, value in zip(res["seeds"], c[m]["values"]):
+                run = res["runs"].get(f"{dom} | {name} | {m} | seed {seed}")   # the first two Kodak24 DA cells predate
+                if run is not None:                                             # the record of single trainings
+                    assert run["real_psnr_tiles"] == value
+                    checked += 1
+            assert c[m]["mean"] == pytest.approx(sum(c[m]["values"]) / 3)
+        assert c["da_gain_real_db"]["values"] == pytest.approx([d - v for v, d in zip(c["vanilla"]["values"],
+                                                                                      c["da"]["values"])])
+    assert checked >= 100 and experiments.ladder_claims(res["cells"]) == res["claims"]
+    rows = [r.replace(" x1 |", " ×1 |").replace("natural x white", "natural × white")
+            for r in open(os.path.join(docs, "effect", "ladder", "ladder.md")).read().splitlines() if r.startswith("| ")]
+    page = open(os.path.join(docs, "effect.md")).read().replace("−", "-")
+    assert len(rows) == 13 and all(r.replace("−", "-") in page for r in rows)
